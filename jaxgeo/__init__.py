@@ -1,0 +1,1 @@
+"""jaxgeo: self-supervised and supervised learning on satellite imagery in JAX."""

@@ -1,0 +1,106 @@
+"""Config helpers shared by every `configs/*.py`.
+
+`get_config(arg)` receives the text after the colon of `--config=configs/x.py:arg`, e.g.
+"smoke" or "variant=demo,bands=all". `parse_arg` turns it into a ConfigDict so configs can branch on it.
+"""
+import ml_collections
+
+
+def parse_arg(arg, lazy=False, **defaults):
+  """Parses "variant=smoke,key=value" (or a bare "smoke") into a ConfigDict over `defaults`.
+
+  A bare word sets `variant`. Values are cast to the type of their default, so a typo such as
+  `steps=1O` fails here instead of deep in training.
+  """
+  parsed = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return parsed
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    if not sep:
+      key, value = "variant", key
+    if key not in parsed and not lazy:
+      raise ValueError(f"config argument {key!r} unknown; expected one of {sorted(parsed.keys())}")
+    default = parsed.get(key)
+    if isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes")
+    elif default is not None and not isinstance(default, str):
+      value = type(default)(value)
+    parsed[key] = value
+  return parsed
+
+
+def check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"config.{name}={value!r}; expected one of {sorted(choices)}")
+
+
+def base_config(method):
+  """Fields every method shares; configs/*.py set the method's own numbers on top.
+
+  Locked by the caller (main) so that a mistyped --config.x.y override is an error before any compute.
+  Optional strings are typed placeholders: None until set, and only a string can set them.
+  """
+  c = ml_collections.ConfigDict()
+  c.method = method
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.root = ml_collections.config_dict.placeholder(str)       # None: bundled synthetic BigEarthNet
+  c.data.metadata = ml_collections.config_dict.placeholder(str)   # gdf-builder or v2 parquet; None: json
+  c.data.synthetic_dir = "~/.cache/jaxgeo/synthetic_ben"
+  c.data.synthetic_num_patches = 2048
+  c.data.bands = "rgb"             # "rgb" (B04,B03,B02), "all" (12 bands) or "B08,B04,B03"
+  c.data.image_size = 120
+  c.data.on_bad_sample = "error"   # or "skip": logged once, counted, bounded by max_skipped_fraction
+  c.data.max_skipped_fraction = 0.01
+  c.data.worker_count = 4
+  c.data.prefetch = 2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "small"
+  c.model.patch_size = 16
+  c.model.depth = -1               # -1: the arch's own
+  c.model.embed_dim = -1
+  c.model.num_heads = -1
+  c.model.drop_path_rate = 0.0
+  c.model.dtype = "auto"           # bfloat16 on GPU/TPU, float32 on CPU; params always float32
+  c.model.attention = "xla"        # or "cudnn" (jax.nn.dot_product_attention)
+
+  c.head = ml_collections.ConfigDict()
+  c.aug = ml_collections.ConfigDict()
+  c.loss = ml_collections.ConfigDict()
+  c.optim = ml_collections.ConfigDict()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 256
+  c.train.epochs = 100
+  c.train.steps = -1               # -1: epochs x steps per epoch
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.on_nonfinite = "error"   # or "skip": the step's update is dropped and counted
+
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ml_collections.config_dict.placeholder(str)  # PyTorch DINO .pth / .safetensors
+  c.init.which = "teacher"
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.knn_every = 0             # steps; 0 disables the kNN monitor
+  c.eval.knn_batches = 8           # host batches of train (bank) and validation (queries)
+  c.eval.final_probe = False       # linear probe: pretrained vs random-init features, printed at the end
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  # (regex over the param path, "replicate" | "fsdp" | per-dimension axes); first match wins.
+  c.sharding_rules = [(".*", "fsdp")]
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+  c.distributed.num_processes = -1
+  c.distributed.process_id = -1
+  c.distributed.cpu_collectives = "gloo"
+  return c

@@ -1,0 +1,241 @@
+"""A synthetic BigEarthNet-S2 in the real v1 on-disk format, so everything runs with no download.
+
+Each patch mixes 1-3 land-cover themes laid out as large smooth regions (plus sometimes a river on top). Themes
+have Sentinel-2 L2A-like spectra (water dark in NIR/SWIR, vegetation bright in red edge/NIR, soil and sand
+bright in SWIR, roofs flat and bright) and their own spatial structure (fields in rectangles, urban blocks on a
+street grid, blobby forest crowns, smooth water), so a self-supervised model has real structure to find and the
+19-class labels are predictable from the pixels. Labels name the themes that cover a patch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from rasterio.crs import CRS
+from affine import Affine
+
+from jaxgeo.data import bigearthnet as ben
+from jaxgeo.data.geotiff import resize_bilinear, write_geotiff
+
+_FORMAT_VERSION = 1  # bump when the written data changes, so stale caches are not reused
+_SIZE = ben.PATCH_SIZE
+_CRS = "EPSG:32633"  # UTM 33N, the zone of much of BigEarthNet's central Europe
+_TILE = "S2A_MSIL2A_20170613T101031"
+_TILE_SOURCE = "S2A_MSIL1C_20170613T101031_N0205_R022_T33UUP_20170613T101026"
+_ORIGIN = (399960.0, 5800020.0)  # upper-left of tile T33UUP; patches are cut on a 1.2 km grid from here
+
+# Surface reflectance per band, ALL_BANDS order: B01 B02 B03 B04 B05 B06 B07 B08 B8A B09 B11 B12.
+_SPECTRA = {
+    "water": (.035, .038, .042, .024, .020, .016, .020, .018, .016, .010, .008, .006),
+    "sea": (.045, .052, .045, .022, .016, .012, .012, .010, .009, .006, .005, .004),
+    "river": (.045, .055, .070, .055, .050, .035, .030, .028, .025, .015, .012, .009),
+    "conifer": (.020, .020, .035, .020, .060, .170, .210, .230, .240, .225, .110, .050),
+    "broadleaf": (.025, .028, .055, .030, .090, .270, .330, .350, .365, .340, .170, .075),
+    "crop_green": (.040, .040, .070, .040, .110, .300, .370, .390, .400, .370, .200, .100),
+    "crop_ripe": (.070, .070, .100, .120, .160, .220, .250, .270, .280, .260, .280, .190),
+    "soil": (.080, .090, .120, .150, .180, .210, .230, .250, .260, .250, .300, .230),
+    "pasture": (.035, .035, .065, .045, .100, .250, .300, .320, .330, .310, .210, .110),
+    "grassland": (.045, .050, .080, .075, .120, .200, .230, .250, .260, .245, .260, .170),
+    "shrub": (.030, .030, .050, .040, .085, .200, .240, .260, .270, .255, .180, .090),
+    "roof": (.090, .100, .110, .120, .130, .150, .160, .170, .175, .165, .200, .180),
+    "bright_roof": (.140, .160, .170, .180, .190, .200, .205, .210, .215, .205, .240, .220),
+    "asphalt": (.060, .065, .070, .075, .080, .085, .090, .095, .095, .090, .110, .100),
+    "sand": (.120, .140, .180, .220, .250, .270, .280, .290, .300, .290, .350, .300),
+}
+_SPECTRA = {k: np.asarray(v, np.float32) for k, v in _SPECTRA.items()}
+
+
+def _smooth(rng, cells: int) -> np.ndarray:
+  """Unit-scale smooth random field on the patch grid; `cells` sets the feature count across the patch."""
+  return resize_bilinear(rng.standard_normal((cells + 1, cells + 1)), (_SIZE, _SIZE)) * 1.6
+
+
+def _flat(name, rng, amplitude=0.05, cells=6):
+  return _SPECTRA[name] * (1.0 + amplitude * _smooth(rng, cells))[..., None]
+
+
+def _mix(a, b, weight):
+  return _SPECTRA[a] * (1.0 - weight[..., None]) + _SPECTRA[b] * weight[..., None]
+
+
+def _forest(kind):
+  def render(rng):
+    crowns = 1.0 + 0.22 * _smooth(rng, 24) + 0.1 * _smooth(rng, 6)
+    if kind == "mixed":
+      base = _mix("conifer", "broadleaf", 1.0 / (1.0 + np.exp(-4.0 * _smooth(rng, 8))))
+    else:
+      base = _SPECTRA[kind] * np.ones((_SIZE, _SIZE, 1), np.float32)
+    return base * crowns[..., None]
+  return render
+
+
+def _cuts(rng, low, high):
+  """Sorted cut positions splitting [0, _SIZE) into segments of random length in [low, high)."""
+  return np.cumsum(rng.integers(low, high, size=_SIZE // low + 1))
+
+
+def _fields(rng):
+  # Strips across the patch, each cut into fields with their own crop state: the rectangles of arable land.
+  row_of = np.searchsorted(_cuts(rng, 10, 35), np.arange(_SIZE), side="right")
+  field_id = np.zeros((_SIZE, _SIZE), np.int64)
+  for strip in np.unique(row_of):
+    col_of = np.searchsorted(_cuts(rng, 15, 60), np.arange(_SIZE), side="right")
+    field_id[row_of == strip] = strip * 64 + col_of
+  _, field_id = np.unique(field_id, return_inverse=True)
+  field_id = field_id.reshape(_SIZE, _SIZE)
+  states = np.stack([_SPECTRA["crop_green"], _SPECTRA["crop_ripe"], _SPECTRA["soil"]])
+  weights = rng.dirichlet((0.4, 0.4, 0.4), size=field_id.max() + 1).astype(np.float32)
+  image = (weights @ states)[field_id] * (1.0 + 0.03 * _smooth(rng, 30))[..., None]
+  return image if rng.random() < 0.5 else image.transpose(1, 0, 2)
+
+
+def _blocks(rng, spacing, street, roof, garden_p):
+  # A street grid; each block is a roof of its own brightness or a garden: the blocky look of built-up land.
+  pos = np.arange(_SIZE)
+  row_cuts, col_cuts = _cuts(rng, *spacing), _cuts(rng, *spacing)
+  row_of = np.searchsorted(row_cuts, pos, side="right")
+  col_of = np.searchsorted(col_cuts, pos, side="right")
+  # A street runs along the first `street` pixels of every block row and column.
+  row_street = pos - np.concatenate([[0], row_cuts])[row_of] < street
+  col_street = pos - np.concatenate([[0], col_cuts])[col_of] < street
+  on_street = row_street[:, None] | col_street[None, :]
+  block = row_of[:, None] * 64 + col_of[None, :]
+  _, block = np.unique(block, return_inverse=True)
+  block = block.reshape(_SIZE, _SIZE)
+  brightness = rng.uniform(0.75, 1.3, size=block.max() + 1).astype(np.float32)
+  garden = rng.random(block.max() + 1) < garden_p
+  image = np.where(garden[block][..., None], _SPECTRA["pasture"], _SPECTRA[roof] * brightness[block][..., None])
+  image = np.where(on_street[..., None], _SPECTRA["asphalt"], image)
+  return image * (1.0 + 0.04 * _smooth(rng, 40))[..., None]
+
+
+def _dunes(rng):
+  ripples = 1.0 + 0.06 * np.sin(np.arange(_SIZE) / rng.uniform(2.0, 4.0))[None, :] + 0.05 * _smooth(rng, 10)
+  return _SPECTRA["sand"] * ripples[..., None]
+
+
+# theme -> (43-class name in the json, renderer of a full-patch [H, W, 12] reflectance image)
+THEMES = {
+    "water": ("Water bodies", lambda rng: _flat("water", rng, 0.04, 4)),
+    "sea": ("Sea and ocean", lambda rng: _flat("sea", rng, 0.03, 3)),
+    "coniferous": ("Coniferous forest", _forest("conifer")),
+    "broadleaf": ("Broad-leaved forest", _forest("broadleaf")),
+    "mixed_forest": ("Mixed forest", _forest("mixed")),
+    "arable": ("Non-irrigated arable land", _fields),
+    "pasture": ("Pastures", lambda rng: _flat("pasture", rng, 0.1, 10)),
+    "urban": ("Discontinuous urban fabric", lambda rng: _blocks(rng, (8, 16), 2, "roof", 0.3)),
+    "industrial": ("Industrial or commercial units", lambda rng: _blocks(rng, (18, 36), 3, "bright_roof", 0.05)),
+    "grassland": ("Natural grassland", lambda rng: _flat("grassland", rng, 0.15, 14)),
+    "shrub": ("Transitional woodland/shrub",
+              lambda rng: _mix("grassland", "shrub", 1.0 / (1.0 + np.exp(-3.0 * _smooth(rng, 16))))),
+    "sand": ("Beaches, dunes, sands", _dunes),
+}
+RIVER = "Water courses"
+_MIN_COVER = 0.08  # a theme covering less of a patch than this would be an unfair label, so layouts are redrawn
+
+
+def render_patch(rng: np.random.Generator, themes: list[str], river: bool = False):
+  """-> (reflectance float32 [120, 120, 12] in ALL_BANDS order, class_map int [120, 120], 43-class names).
+
+  class_map indexes the returned names; the river, when drawn, is the last name.
+  """
+  for _ in range(20):
+    region = np.argmax(np.stack([_smooth(rng, 2) + rng.normal(0, 0.3) for _ in themes]), axis=0)
+    cover = np.bincount(region.ravel(), minlength=len(themes)) / region.size
+    if cover.min() >= _MIN_COVER:
+      break
+  image = np.zeros((_SIZE, _SIZE, len(ben.ALL_BANDS)), np.float32)
+  for i, theme in enumerate(themes):
+    image = np.where((region == i)[..., None], THEMES[theme][1](rng), image)
+  names = [THEMES[t][0] for t in themes]
+  if river:
+    x = np.arange(_SIZE)
+    centre = rng.uniform(30, 90) + rng.uniform(5, 20) * np.sin(x / rng.uniform(12, 30) + rng.uniform(0, 6.3))
+    on_river = np.abs(np.arange(_SIZE)[:, None] - centre[None, :]) < rng.uniform(2.0, 4.5)
+    on_river = on_river if rng.random() < 0.5 else on_river.T
+    image = np.where(on_river[..., None], _flat("river", rng, 0.04, 4), image)
+    region = np.where(on_river, len(themes), region)
+    names.append(RIVER)
+  return image, region, names
+
+
+def _sample_themes(rng):
+  count = rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2])
+  themes = list(rng.choice(sorted(THEMES), size=count, replace=False))
+  return themes, bool(count < 3 and rng.random() < 0.15)
+
+
+def _write_patch(patch_dir: str, name: str, reflectance: np.ndarray, ulx: float, uly: float, rng) -> None:
+  # Mild per-patch illumination and haze, then sensor noise; DN 0 is S2's NO_DATA, so valid pixels start at 1.
+  reflectance = reflectance * rng.uniform(0.9, 1.1)
+  reflectance[..., :2] += rng.uniform(0.0, 0.01)
+  reflectance = reflectance + rng.normal(0.0, 0.003, reflectance.shape).astype(np.float32)
+  os.makedirs(patch_dir)
+  for b, band in enumerate(ben.ALL_BANDS):
+    factor = ben.BAND_RESOLUTION_M[band] // 10
+    size = _SIZE // factor
+    coarse = reflectance[..., b].reshape(size, factor, size, factor).mean(axis=(1, 3))
+    dn = np.clip(np.round(coarse * 10000.0), 1, 20000).astype(np.uint16)
+    write_geotiff(os.path.join(patch_dir, f"{name}_{band}.tif"), dn, crs=_CRS,
+                  transform=Affine(10.0 * factor, 0.0, ulx, 0.0, -10.0 * factor, uly))
+
+
+def write_synthetic_bigearthnet(directory: str | os.PathLike, num_patches: int, seed: int = 0
+                                ) -> tuple[str, str]:
+  """Writes (once; later calls with the same arguments reuse it) a BigEarthNet-S2 v1-layout dataset.
+
+  Returns (root, metadata_parquet_path). The parquet is in the bigearthnet-gdf-builder format (name,
+  original_split, labels, new_labels, ...), with the split `hash_split` gives, so the json-only reading of the
+  same folder yields the same splits. Written to a temporary folder and renamed into place, so concurrent
+  writers (several hosts, several test processes) never see half a dataset.
+  """
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  directory = os.path.expanduser(os.fspath(directory))
+  final = os.path.join(directory, f"ben_s2_v{_FORMAT_VERSION}_n{num_patches}_seed{seed}")
+  root = os.path.join(final, "BigEarthNet-v1.0")
+  parquet_path = os.path.join(final, "metadata.parquet")
+  marker = os.path.join(final, "COMPLETE")
+  if os.path.isfile(marker):
+    return root, parquet_path
+  os.makedirs(directory, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".writing-", dir=directory)
+  try:
+    rng = np.random.default_rng(seed)
+    projection = CRS.from_string(_CRS).to_wkt()
+    rows = {"name": [], "original_split": [], "labels": [], "new_labels": [], "snow": [], "cloud_or_shadow": []}
+    grid_cols = max(1, int(np.ceil(np.sqrt(num_patches))))
+    for i in range(num_patches):
+      row, col = divmod(i, grid_cols)
+      name = f"{_TILE}_{row}_{col}"
+      ulx, uly = _ORIGIN[0] + col * 1200.0, _ORIGIN[1] - row * 1200.0
+      reflectance, _, labels_43 = render_patch(rng, *_sample_themes(rng))
+      patch_dir = os.path.join(staging, "BigEarthNet-v1.0", name)
+      _write_patch(patch_dir, name, reflectance, ulx, uly, rng)
+      with open(os.path.join(patch_dir, f"{name}_labels_metadata.json"), "w") as f:
+        json.dump({"labels": labels_43, "coordinates": {"ulx": ulx, "uly": uly, "lrx": ulx + 1200.0,
+                                                        "lry": uly - 1200.0},
+                   "projection": projection, "tile_source": _TILE_SOURCE,
+                   "acquisition_date": "2017-06-13 10:10:31"}, f)
+      rows["name"].append(name)
+      rows["original_split"].append(ben.hash_split(name))
+      rows["labels"].append(labels_43)
+      rows["new_labels"].append(sorted({ben.LABEL_43_TO_19[l] for l in labels_43}, key=ben.CLASSES_19.index))
+      rows["snow"].append(False)
+      rows["cloud_or_shadow"].append(False)
+    pq.write_table(pa.table(rows), os.path.join(staging, "metadata.parquet"))
+    with open(os.path.join(staging, "COMPLETE"), "w") as f:
+      json.dump({"num_patches": num_patches, "seed": seed, "version": _FORMAT_VERSION}, f)
+    try:
+      os.rename(staging, final)
+    except OSError:
+      if not os.path.isfile(marker):  # not a concurrent writer having won the race: a real failure
+        raise
+  finally:
+    if os.path.isdir(staging):
+      shutil.rmtree(staging)
+  return root, parquet_path

@@ -1,0 +1,59 @@
+"""Entry point: `python -m jaxgeo.main --config=configs/dino_ben.py[:variant] --workdir=DIR [--config.a.b=v]`.
+
+The config is locked before overrides apply, so a mistyped key fails here, before any compute.
+"""
+import logging as pylogging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dino_ben.py:smoke",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics and plots go here")
+
+
+def trainers():
+  """config.method -> function(config, workdir). Imported lazily so each method only loads its own code."""
+  def dino(config, workdir):
+    from jaxgeo.train import dino as dino_method, loop
+    return loop.run(config, workdir, dino_method.make_task)
+
+  def linear(config, workdir):
+    from jaxgeo.evaluate import linear as linear_probe
+    return linear_probe.run_linear_probe(config, workdir)
+
+  return {"dino": dino, "linear": linear}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/dino_ben.py")
+  methods = trainers()
+  if config.method not in methods:
+    raise app.UsageError(f"config.method={config.method!r}; expected one of {sorted(methods)}")
+  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  logging.info("method %s, workdir %s", config.method, workdir)
+  status = methods[config.method](config, workdir)
+  logging.info("finished: %s", status)
+
+
+class _LibraryChatter(pylogging.Filter):
+  """Orbax and Grain narrate every save and read at INFO; keep their warnings, drop the narration."""
+
+  def filter(self, record):
+    quiet = ("/orbax/", "/grain/")
+    return record.levelno >= pylogging.WARNING or not any(q in record.pathname for q in quiet)
+
+
+def run():
+  logging.get_absl_handler().addFilter(_LibraryChatter())
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())
