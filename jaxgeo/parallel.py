@@ -104,6 +104,32 @@ def replicated_fraction(tree, shardings):
   return replicated_bytes / max(total, 1)
 
 
+def sharding_summary(tree, shardings, top=5):
+  """A few log lines: bytes in total and per device, the replicated fraction, the largest replicated leaves.
+
+  Printed once at start-up by the training loop, so a run's FSDP layout can be checked from its log.
+  """
+  total = replicated_bytes = per_device = 0
+  replicated_leaves, sharded_count = [], 0
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings)):
+    nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    total += nbytes
+    shard_shape = sharding.shard_shape(tuple(leaf.shape))
+    per_device += int(np.prod(shard_shape)) * np.dtype(leaf.dtype).itemsize
+    if all(axis is None for axis in sharding.spec):
+      replicated_bytes += nbytes
+      replicated_leaves.append((nbytes, path_str(path), tuple(leaf.shape)))
+    else:
+      sharded_count += 1
+  lines = [f"state: {total / 2**20:.1f} MiB in {sharded_count + len(replicated_leaves)} arrays, "
+           f"{per_device / 2**20:.1f} MiB per device; {sharded_count} sharded, {len(replicated_leaves)} "
+           f"replicated ({replicated_bytes / max(total, 1):.2%} of the bytes)"]
+  for nbytes, name, shape in sorted(replicated_leaves, reverse=True)[:top]:
+    if nbytes:
+      lines.append(f"  replicated: {name} {shape} {nbytes / 2**10:.1f} KiB")
+  return "\n".join(lines)
+
+
 def host_to_global(batch, mesh):
   """This process's slice of the batch (numpy) -> global jax.Arrays split over every device.
 
@@ -132,13 +158,25 @@ def initialize_distributed(dist_config):
     jax.config.update("jax_cpu_collectives_implementation", dist_config.cpu_collectives)
   kwargs = {}
   if explicit:
-    kwargs = dict(
-        coordinator_address=explicit,
-        num_processes=int(dist_config.num_processes if dist_config.num_processes > 0
-                          else os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(dist_config.process_id if dist_config.process_id >= 0
-                       else os.environ["JAX_PROCESS_ID"]))
+    kwargs = dict(coordinator_address=explicit,
+                  num_processes=_explicit_int(dist_config.num_processes, 1, "num_processes", "JAX_NUM_PROCESSES"),
+                  process_id=_explicit_int(dist_config.process_id, 0, "process_id", "JAX_PROCESS_ID"))
   jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  if jax.process_index() != 0:
+    # Every process runs the same loop and would print the same lines; process 0 speaks for all of them.
+    # Warnings and errors still come from every process (a failing host must say so itself).
+    logging.set_verbosity(logging.WARNING)
+  logging.warning("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                  jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def _explicit_int(configured, minimum, field, env):
+  """config.distributed.<field> when set (>= minimum), else the environment variable; an error names both."""
+  if configured >= minimum:
+    return int(configured)
+  if env not in os.environ:
+    raise ValueError(f"a coordinator address is set (config.distributed.coordinator_address or "
+                     f"JAX_COORDINATOR_ADDRESS) but neither config.distributed.{field} nor {env} is; set both "
+                     "on every process (launch/local_processes.sh and launch/k8s-indexed-job.yaml show how)")
+  return int(os.environ[env])

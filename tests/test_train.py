@@ -12,38 +12,7 @@ import pytest
 from jaxgeo import checkpoint, parallel
 from jaxgeo.train import checks, dino, loop, writers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import dino_ben  # noqa: E402
-
-
-def smoke_config(synthetic_dir, **train):
-  config = dino_ben.get_config("smoke")
-  config.data.synthetic_dir = str(synthetic_dir)
-  for key, value in train.items():
-    config.train[key] = value
-  config.lock()
-  return config
-
-
-@pytest.fixture(scope="session")
-def synthetic_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("synthetic_ben")
-
-
-@pytest.fixture(scope="session")
-def smoke_run(synthetic_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("dino_smoke")
-  config = smoke_config(synthetic_dir)
-  status = loop.run(config, str(workdir), dino.make_task)
-  return config, str(workdir), status
-
-
-def losses_by_step(workdir):
-  rows = {}
-  for row in writers.read_metrics(workdir):
-    rows[row["step"]] = row
-  return rows
+from conftest import REPO, dino_ben, losses_by_step, smoke_config
 
 
 def test_smoke_trains_end_to_end(smoke_run):

@@ -39,8 +39,19 @@ def resolve_paths(data_config) -> tuple[str, str | None]:
 
 
 def build_source(data_config, split: str) -> BigEarthNetSource:
-  """The BigEarthNetSource of `split` ("train" | "validation" | "test") described by config.data."""
+  """The BigEarthNetSource of `split` ("train" | "validation" | "test") described by config.data.
+
+  A data.root that is a packed store (made by `python -m jaxgeo.data.pack`) gives its PackedSource instead:
+  same samples, labels and split, read from ArrayRecord.
+  """
   root, metadata = resolve_paths(data_config)
+  from jaxgeo.data import pack  # pylint: disable=g-import-not-at-top
+  if pack.is_packed(root):
+    if metadata is not None:
+      log.warning("config.data.metadata=%s is ignored: %s is a packed store, whose splits and labels were "
+                  "fixed when it was packed", metadata, root)
+    return pack.PackedSource(root, split=split, bands=_field(data_config, "bands", "rgb"),
+                             image_size=int(_field(data_config, "image_size", 120)))
   return BigEarthNetSource(root, metadata, split=split, bands=_field(data_config, "bands", "rgb"),
                            image_size=int(_field(data_config, "image_size", 120)))
 

@@ -1,12 +1,14 @@
 """grain input pipeline: shuffled epochs of a random-access source, per-process shards, bad-sample policy, batches.
 
 Order of operations (all processes build the same pipeline with the same seed):
-  range(len(source)) -> shuffle(seed) -> repeat(num_epochs) -> [process_index::process_count] -> map(load)
-  -> to_iter_dataset -> drop/count bad samples -> batch -> [mp_prefetch].
-Shuffling and repeating indices before the slice give every process the same global order, and the strided
-slice hands process p the elements p, p + P, p + 2P, ...; local batch k of all processes together is therefore
-global elements [k * B * P, (k + 1) * B * P): disjoint shares that cover the global batch. Nothing is loaded
-for an index another process owns.
+  range(len(source)) -> shuffle(seed) -> repeat(num_epochs) -> this process's block of every global batch
+  -> map(load) -> to_iter_dataset -> drop/count bad samples -> batch -> [mp_prefetch].
+Shuffling and repeating indices before the split give every process the same global order. Global batch k is
+elements [k * B * P, (k + 1) * B * P) of that order (B rows per process, P processes); process p takes its
+contiguous block [k * B * P + p * B, k * B * P + (p + 1) * B). jax.make_array_from_process_local_data stacks
+the blocks in process order, so the global batch of P processes is row for row the one a single process
+builds: per-row randomness (augmentation keys, drop-path) and so the losses do not depend on the process
+count. Nothing is loaded for an index another process owns.
 
 The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (or orbax with
 `grain.checkpoint.CheckpointSave/CheckpointRestore`) resume at the exact next batch.
@@ -85,6 +87,38 @@ class _CountSkipped(grain.IterDataset):
     return _CountSkippedIterator(self._parent.__iter__())
 
 
+class _GlobalPosition(grain.transforms.Map):
+  """Local position j of process p -> the index at that row's position in the global order."""
+
+  def __init__(self, indices, block, process_index, process_count, full_rows, remainder):
+    self._indices, self._block = indices, block
+    self._process_index, self._process_count = process_index, process_count
+    self._full_rows, self._remainder = full_rows, remainder
+
+  def map(self, j):
+    j = int(j)
+    if j < self._full_rows:  # inside a whole global batch: this process's block of it
+      k, row = divmod(j, self._block)
+      return self._indices[(k * self._process_count + self._process_index) * self._block + row]
+    # The last, partial global batch (evaluation only): split into near-equal contiguous shares.
+    start = self._full_rows * self._process_count + self._process_index * self._remainder // self._process_count
+    return self._indices[start + j - self._full_rows]
+
+
+def _process_block(indices, block, process_index, process_count, drop_remainder):
+  """The indices process p reads: its block of B rows of every global batch of B * P (see module doc)."""
+  if process_count == 1:
+    return indices
+  total = len(indices)
+  full_batches, remainder = divmod(total, block * process_count)
+  full_rows = full_batches * block
+  extra = 0
+  if not drop_remainder:
+    extra = ((process_index + 1) * remainder // process_count) - (process_index * remainder // process_count)
+  position = _GlobalPosition(indices, block, process_index, process_count, full_rows, remainder)
+  return grain.MapDataset.range(full_rows + extra).map(position)
+
+
 def make_iter_dataset(source: Sequence[Any], *, batch_size_per_process: int, seed: int,
                       num_epochs: int | None, shuffle: bool = True, process_index: int = 0,
                       process_count: int = 1, worker_count: int = 0, prefetch: int = 2,
@@ -106,7 +140,8 @@ def make_iter_dataset(source: Sequence[Any], *, batch_size_per_process: int, see
   if shuffle:
     indices = indices.shuffle(seed=seed)  # grain reshuffles every epoch of the repeat (seed + epoch)
   indices = indices.repeat(num_epochs)
-  samples = indices[process_index::process_count].map(_LoadSample(source, on_bad_sample))
+  indices = _process_block(indices, batch_size_per_process, process_index, process_count, drop_remainder)
+  samples = indices.map(_LoadSample(source, on_bad_sample))
   read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(
       1, 2 * batch_size_per_process) if read_threads else 0)
   dataset = _CountSkipped(samples.to_iter_dataset(read_options=read_options))

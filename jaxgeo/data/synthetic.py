@@ -4,7 +4,9 @@ Each patch mixes 1-3 land-cover themes laid out as large smooth regions (plus so
 have Sentinel-2 L2A-like spectra (water dark in NIR/SWIR, vegetation bright in red edge/NIR, soil and sand
 bright in SWIR, roofs flat and bright) and their own spatial structure (fields in rectangles, urban blocks on a
 street grid, blobby forest crowns, smooth water), so a self-supervised model has real structure to find and the
-19-class labels are predictable from the pixels. Labels name the themes that cover a patch.
+19-class labels are predictable from the pixels. Labels name the themes that cover a patch. Each patch is then
+seen through its own acquisition (`acquisition_nuisance`: illumination, spectral tilt, haze, noise), as real
+patches are, so the mean colour of a patch is a blurred cue and the spatial structure carries the labels.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from affine import Affine
 from jaxgeo.data import bigearthnet as ben
 from jaxgeo.data.geotiff import resize_bilinear, write_geotiff
 
-_FORMAT_VERSION = 1  # bump when the written data changes, so stale caches are not reused
+_FORMAT_VERSION = 2  # bump when the written data changes, so stale caches are not reused
 _SIZE = ben.PATCH_SIZE
 _CRS = "EPSG:32633"  # UTM 33N, the zone of much of BigEarthNet's central Europe
 _TILE = "S2A_MSIL2A_20170613T101031"
@@ -62,13 +64,21 @@ def _mix(a, b, weight):
 
 
 def _forest(kind):
+  # Crown texture tells the forest types apart as much as colour does (in true colour they are close):
+  # conifers are small, dense, dark-shadowed crowns; broadleaf crowns are larger and softer; mixed forest
+  # alternates stands of both.
+  def crowns(rng, cells, depth):
+    return 1.0 + depth * _smooth(rng, cells) + 0.08 * _smooth(rng, 6)
+
   def render(rng):
-    crowns = 1.0 + 0.22 * _smooth(rng, 24) + 0.1 * _smooth(rng, 6)
     if kind == "mixed":
-      base = _mix("conifer", "broadleaf", 1.0 / (1.0 + np.exp(-4.0 * _smooth(rng, 8))))
+      weight = 1.0 / (1.0 + np.exp(-4.0 * _smooth(rng, 8)))
+      base = _mix("conifer", "broadleaf", weight)
+      texture = crowns(rng, 40, 0.3) * (1.0 - weight) + crowns(rng, 14, 0.18) * weight
     else:
       base = _SPECTRA[kind] * np.ones((_SIZE, _SIZE, 1), np.float32)
-    return base * crowns[..., None]
+      texture = crowns(rng, 40, 0.3) if kind == "conifer" else crowns(rng, 14, 0.18)
+    return base * np.maximum(texture, 0.2)[..., None]
   return render
 
 
@@ -168,11 +178,31 @@ def _sample_themes(rng):
   return themes, bool(count < 3 and rng.random() < 0.15)
 
 
+# Relative strength of path radiance (haze) per band, ALL_BANDS order: Rayleigh-like, strongest in the blue.
+_HAZE_SHAPE = np.asarray((1.0, .85, .65, .45, .38, .32, .28, .25, .23, .2, .1, .06), np.float32)
+# Centre wavelengths (um) in ALL_BANDS order, for the per-acquisition spectral tilt.
+_WAVELENGTH = np.asarray((.443, .490, .560, .665, .705, .740, .783, .842, .865, .945, 1.61, 2.19), np.float32)
+
+
+def acquisition_nuisance(reflectance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """What differs between two acquisitions of the same ground: sun elevation and season (an overall gain),
+  atmosphere and phenology (a smooth spectral tilt plus small per-band gains), haze (an additive, blue-heavy,
+  spatially uneven veil that also lowers contrast) and sensor noise. Real Sentinel-2 patches vary this way,
+  so a patch's mean colour alone is an unreliable cue and the land cover must be read from its structure.
+  """
+  gain = np.exp(rng.normal(0.0, 0.15))
+  tilt = rng.normal(0.0, 0.2) * (np.log(_WAVELENGTH) - np.log(0.665))
+  band_gain = gain * np.exp(tilt + rng.normal(0.0, 0.04, len(_WAVELENGTH))).astype(np.float32)
+  haze_amount = rng.uniform(0.0, 0.045) if rng.random() < 0.6 else 0.0
+  veil = np.clip(1.0 + 0.6 * _smooth(rng, 2), 0.2, 2.0)[..., None] * haze_amount
+  reflectance = reflectance * band_gain * (1.0 - 2.0 * veil) + veil * _HAZE_SHAPE
+  noise = rng.uniform(0.002, 0.008)
+  return reflectance + rng.normal(0.0, noise, reflectance.shape).astype(np.float32)
+
+
 def _write_patch(patch_dir: str, name: str, reflectance: np.ndarray, ulx: float, uly: float, rng) -> None:
-  # Mild per-patch illumination and haze, then sensor noise; DN 0 is S2's NO_DATA, so valid pixels start at 1.
-  reflectance = reflectance * rng.uniform(0.9, 1.1)
-  reflectance[..., :2] += rng.uniform(0.0, 0.01)
-  reflectance = reflectance + rng.normal(0.0, 0.003, reflectance.shape).astype(np.float32)
+  # DN 0 is S2's NO_DATA, so valid pixels start at 1.
+  reflectance = acquisition_nuisance(reflectance, rng)
   os.makedirs(patch_dir)
   for b, band in enumerate(ben.ALL_BANDS):
     factor = ben.BAND_RESOLUTION_M[band] // 10

@@ -35,6 +35,21 @@ class _StopFlag:
       raise KeyboardInterrupt  # a second Ctrl-C means "now"
     self.signal = signal.Signals(signum).name
 
+  def agreed(self, step, every):
+    """The signal name once every process has seen it, else None.
+
+    One process alone must never leave the loop (the others would wait in the next collective forever), so
+    with several processes the flags are combined every `every` steps; a preemption notice gives far more
+    time than that.
+    """
+    if jax.process_count() == 1:
+      return self.signal
+    if step % every:
+      return None
+    from jax.experimental import multihost_utils
+    seen = multihost_utils.process_allgather(np.int32(self.signal is not None))
+    return (self.signal or "SIGTERM") if np.any(seen) else None
+
   def restore(self):
     for s, handler in self._previous.items():
       signal.signal(s, handler)
@@ -77,6 +92,8 @@ def run(config, workdir, make_task):
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(task.init, rng)
   shardings = parallel.tree_shardings(abstract, config.sharding_rules, mesh)
+  logging.info("mesh %s, sharding rules %s\n%s", dict(mesh.shape), config.sharding_rules,
+               parallel.sharding_summary(abstract, shardings))
   checks.check_disk(workdir, abstract, config.train.keep_checkpoints)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   if ckpt.latest_step() is not None:
@@ -97,6 +114,11 @@ def run(config, workdir, make_task):
 
   # ---- loop
   writer = writers.MetricWriter(workdir, enabled=is_chief)
+  if knn is not None and int(jax.device_get(state["step"])) == 0:
+    # The untrained network's score is the baseline the later kNN numbers should beat.
+    baseline = knn(state)
+    writer.write(0, baseline)
+    logging.info("kNN monitor at initialisation: %s", baseline)
   stop = _StopFlag()
   pending, averages = [], {}
   skipped_total = 0
@@ -117,7 +139,10 @@ def run(config, workdir, make_task):
         avg = clu_metrics.Average.from_model_output(jnp.asarray(value, jnp.float32))
         averages[key] = averages[key].merge(avg) if key in averages else avg
 
-      save_now = step % config.train.checkpoint_every == 0 or step == total_steps or stop.signal
+      # Read the flag once: a signal landing between the save decision and the exit check must not
+      # skip the save.
+      stopping = stop.agreed(step, config.train.log_every)
+      save_now = step % config.train.checkpoint_every == 0 or step == total_steps or stopping
       if step % config.train.log_every == 0 or save_now:
         # Materialising metrics is also where a non-finite step is found, so it comes before any save.
         skipped_total += _check_pending(pending, config)
@@ -134,10 +159,10 @@ def run(config, workdir, make_task):
         interval_start, interval_first = time.perf_counter(), step
       if save_now:
         ckpt.save(step, state, iterator)
-      if stop.signal:
+      if stopping:
         status = "preempted"
         logging.warning("%s received: saved step %d of %d to %s; run the same command to resume",
-                        stop.signal, step, total_steps, ckpt.directory)
+                        stopping, step, total_steps, ckpt.directory)
         break
   finally:
     stop.restore()
@@ -182,7 +207,8 @@ def _import_backbone(config, task, state, shardings):
   """Starts from PyTorch weights (config.init.checkpoint): backbone of student and teacher alike."""
   from jaxgeo import bridge
   section, name = task.backbone_path
-  target = jax.device_get(state[section][name])
+  # Only shapes are read: device_get would fail on arrays sharded over devices of other processes.
+  target = state[section][name]
   imported = bridge.load_vit_backbone_params(config.init.checkpoint, target, which=config.init.which)
   state = dict(state)
   for key in (section, "teacher"):
