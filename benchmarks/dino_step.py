@@ -43,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxgeo import data, parallel  # noqa: E402
+from jaxgeo.models import vit  # noqa: E402
 from jaxgeo.train import dino  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -328,7 +329,7 @@ def benchmark_batch(args, batch, mesh, info):
            "attention": "einsum softmax (XLA)" if attention == "xla" else
                         "jax.nn.dot_product_attention(implementation='cudnn')"
                         + ("" if info["gpu_available"] else " (CPU: falls back to XLA)"),
-           "precision": f"params fp32, compute {jnp.dtype(dino.compute_dtype(config.model.dtype)).name}",
+           "precision": f"params fp32, compute {jnp.dtype(vit.compute_dtype(config.model.dtype)).name}",
            "flops_per_step": flops}
     try:
       step = JaxStep(config, mesh, augmentation=augmentation)

@@ -57,14 +57,16 @@ def get_config(arg=None):
   config.train.epochs = 100
 
   if arg.variant == "demo":
-    # A 2-core CPU finishes this in a few minutes and the features still beat random init on the probe.
+    # A 2-core CPU finishes this in a few minutes (192 steps) and the features beat random init on the probe
+    # and in the kNN monitor. Tuned on the synthetic data, whose per-patch acquisition nuisance (illumination,
+    # haze, spectral tilt; jaxgeo/data/synthetic.py) is what random features cannot see past.
     from jaxgeo.evaluate.linear import probe_config  # pylint: disable=g-import-not-at-top
     config.data.synthetic_num_patches = 640
     config.model.arch = "tiny"
     config.model.depth = 4
     config.model.patch_size = 16
     config.model.drop_path_rate = 0.0
-    config.head.out_dim = 1024
+    config.head.out_dim = 256             # ~400 training patches; 1024 drifted toward near-uniform targets
     config.head.hidden_dim = 512
     config.head.bottleneck_dim = 128
     config.aug.global_size = 64
@@ -72,12 +74,12 @@ def get_config(arg=None):
     config.aug.local_crops_number = 2
     config.loss.warmup_teacher_temp_epochs = 2
     config.optim.warmup_epochs = 2
-    config.optim.base_lr = 8e-3           # 1e-3 at batch 32: 120 steps must move a tiny ViT
+    config.optim.base_lr = 4e-3           # 5e-4 at batch 32: a couple of hundred steps must move a tiny ViT
     # The kNN monitor and the probe read the teacher; at the reference 0.996 (its cosine ramp to 1 included)
-    # the teacher of a 120-step run stays ~80% of the way at its random init.
+    # the teacher of a run this short stays most of the way at its random init.
     config.optim.momentum_teacher = 0.97
     config.train.global_batch_size = 32
-    config.train.epochs = 10
+    config.train.epochs = 16
     config.train.log_every = 10
     config.train.checkpoint_every = 100
     config.eval.knn_every = 50

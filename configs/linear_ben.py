@@ -36,7 +36,7 @@ def get_config(arg=None):
     config.model.arch = "tiny"
     config.model.depth = 4
     config.probe.image_size = 64
-    config.probe.epochs = 30
+    config.probe.epochs = 100    # as dino_ben.py:demo's final probe; 30 left the lr=1 head still improving
     config.probe.batch_size = 128
     config.probe.feature_batch_size = 64
   elif arg.variant == "smoke":

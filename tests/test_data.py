@@ -93,12 +93,14 @@ def test_labels_on_disk_follow_pixels(dataset):
     source = BigEarthNetSource(root, None, split=split, bands=["B08"])
     for i in range(len(source)):
       sample = source[i]
-      nir.append(sample["image"].mean())
+      nir.append(np.percentile(sample["image"], 10))  # water shows as the darkest NIR pixels
       has_water.append(sample["labels"][CLASSES_19.index("Inland waters")] +
                        sample["labels"][CLASSES_19.index("Marine waters")] > 0)
   nir, has_water = np.array(nir), np.array(has_water)
   assert 0 < has_water.sum() < len(nir)
-  assert nir[has_water].mean() < nir[~has_water].mean() - 0.05
+  # Rank-based, as haze and illumination vary per patch: a patch with water has darker NIR pixels than a dry one.
+  darker = (nir[has_water][:, None] < nir[~has_water][None, :]).mean()
+  assert darker > 0.75, darker
 
 
 # ---------------------------------------------------------------- source

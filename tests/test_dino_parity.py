@@ -11,13 +11,13 @@ and the student, teacher, centre and AdamW moments afterwards.
 The PyTorch side is written from the reference's text (train_one_epoch, DINOLoss, utils.get_params_groups,
 clip_gradients, cancel_gradients_last_layer, cosine_scheduler), not from jaxgeo's code.
 """
-import math
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -193,8 +193,10 @@ def run_reference(config, student, teacher, crops_per_step):
 
 # ---- jaxgeo -----------------------------------------------------------------------------------------------
 
-def to_flax_params(torch_model):
-  _, variables = bridge.dino_vit_from_torch(torch_model.state_dict(), load_head=True)
+def to_flax_params(torch_model_or_state):
+  """Flax {"backbone", "head"} params from a torch MultiCropWrapper (or a dict under its names), via the bridge."""
+  state = torch_model_or_state if isinstance(torch_model_or_state, dict) else torch_model_or_state.state_dict()
+  _, variables = bridge.dino_vit_from_torch(state, load_head=True)
   return variables["params"]
 
 
@@ -211,14 +213,15 @@ def run_jaxgeo(config, torch_student, crops_per_step, monkeypatch):
     assert a.shape == b.shape
   state.update(params=params, teacher=jax.tree.map(jnp.copy, params))
   step = jax.jit(task.step)
-  log = []
+  log, states = [], []
   for images in crops_per_step:
     # torch crop list (NCHW per crop) -> crop-major NHWC stacks.
     to_nhwc = lambda crops: jnp.asarray(np.stack([c.numpy().transpose(0, 2, 3, 1) for c in crops]))
     batch = {"image": (to_nhwc(images[:2]), to_nhwc(images[2:])), "num_skipped": jnp.zeros((BATCH,), jnp.int32)}
     state, metrics = step(state, batch)
     log.append(jax.device_get(metrics))
-  return log, jax.device_get(state)
+    states.append(jax.device_get(state))
+  return log, states
 
 
 def make_crops(seed=1):
@@ -239,19 +242,47 @@ def both_runs():
     crops = make_crops()
     student, teacher = build_torch_models()
     initial = to_flax_params(student)
-    jax_log, jax_state = run_jaxgeo(config, student, crops, monkeypatch)
+    jax_log, jax_states = run_jaxgeo(config, student, crops, monkeypatch)
     ref_log, ref_center, optimizer = run_reference(config, student, teacher, crops)
   finally:
     monkeypatch.undo()
-  return dict(config=config, initial=initial, jax_log=jax_log, jax_state=jax_state, ref_log=ref_log,
+  return dict(config=config, initial=initial, jax_log=jax_log, jax_states=jax_states, ref_log=ref_log,
               ref_center=ref_center, student=student, teacher=teacher, optimizer=optimizer)
 
 
 def max_abs_diff(tree_a, tree_b):
-  leaves = jax.tree_util.tree_leaves_with_path(tree_a)
-  other = jax.tree.leaves(tree_b)
+  assert jax.tree.structure(tree_a) == jax.tree.structure(tree_b)
   return {parallel.path_str(path): float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-          for (path, a), b in zip(leaves, other)}
+          for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree_a), jax.tree.leaves(tree_b))}
+
+
+def split_key_bias(params):
+  """Pulls the key third of every qkv bias out of the tree. Its true gradient is exactly zero (a shift of all
+  keys of a query by q.b_k is removed by the softmax), so both sides' "gradients" there are float rounding
+  noise, which Adam's normalisation turns into O(lr) steps of arbitrary sign: not comparable across
+  frameworks. Everything else is compared tightly."""
+  params = jax.tree.map(np.array, params)
+  key_biases = {}
+  for name, block in params["backbone"].items():
+    if name.startswith("blocks_"):
+      bias = block["attn"]["qkv"]["bias"]
+      key_biases[name] = bias[DIM:2 * DIM].copy()
+      bias[DIM:2 * DIM] = 0.0
+  return params, key_biases
+
+
+def reference_adam_moments(student, optimizer, which):
+  """torch AdamW's exp_avg / exp_avg_sq per param, mapped to flax paths with the same bridge as the weights."""
+  state = {name: optimizer.state[p][which] for name, p in student.named_parameters() if p.requires_grad}
+  return to_flax_params(state)
+
+
+def jaxgeo_adam(opt_state, field):
+  """One tree of `field` (mu / nu) over all params, each leaf from the group that owns it."""
+  def pick(main, frozen):
+    return frozen if isinstance(main, optax.MaskedNode) else main
+  main, frozen = (getattr(opt_state[g].inner_state, field) for g in ("main", "frozen"))
+  return jax.tree.map(pick, main, frozen, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def test_recipe_exercises_freezing_clipping_and_schedules(both_runs):
@@ -279,27 +310,45 @@ def test_loss_per_step_matches_reference(both_runs):
 
 
 def test_student_teacher_and_center_match_reference(both_runs):
-  state = both_runs["jax_state"]
+  state = both_runs["jax_states"][-1]
   ref_student = to_flax_params(both_runs["student"])
   ref_teacher = to_flax_params(both_runs["teacher"])
   moved = max_abs_diff(ref_student, both_runs["initial"])
   assert min(moved.values()) > 1e-4, moved  # every tensor, the last layer included, was updated
   for name, (got, want) in {"student": (state["params"], ref_student),
                             "teacher": (state["teacher"], ref_teacher)}.items():
+    (got, got_key_bias), (want, want_key_bias) = split_key_bias(got), split_key_bias(want)
     diffs = max_abs_diff(got, want)
     worst = max(diffs, key=diffs.get)
-    assert diffs[worst] < 2e-5, f"{name}: {worst} differs by {diffs[worst]:.3g}"
+    assert diffs[worst] < 1e-5, f"{name}: {worst} differs by {diffs[worst]:.3g}"
+    # The noise-driven key biases: bounded by what Adam can move them (sum of lr), nothing more.
+    bound = sum(row["lr"] for row in both_runs["ref_log"]) * 2
+    for block in got_key_bias:
+      assert np.max(np.abs(got_key_bias[block] - want_key_bias[block])) < bound
   np.testing.assert_allclose(state["center"], both_runs["ref_center"], atol=1e-6)
   assert int(state["step"]) == N_STEPS
 
 
-def test_last_layer_untouched_while_frozen(both_runs, monkeypatch):
-  """Two frozen steps leave the last layer and its AdamW state exactly as they were (no decay, count 0)."""
-  config = parity_config()
-  crops = make_crops()[:STEPS_PER_EPOCH]
-  student, _ = build_torch_models()
-  _, state = run_jaxgeo(config, student, crops, monkeypatch)
-  initial = both_runs["initial"]["head"]["last_layer_v"]
-  np.testing.assert_array_equal(state["params"]["head"]["last_layer_v"], initial)
+def test_adam_moments_and_counts_match_reference(both_runs):
+  """The frozen last layer's AdamW state starts only when it is unfrozen, as with grad = None in PyTorch."""
+  state, student, optimizer = both_runs["jax_states"][-1], both_runs["student"], both_runs["optimizer"]
+  for field, which, atol in (("mu", "exp_avg", 1e-6), ("nu", "exp_avg_sq", 1e-8)):
+    got, _ = split_key_bias(jaxgeo_adam(state["opt_state"], field))
+    want, _ = split_key_bias(reference_adam_moments(student, optimizer, which))
+    diffs = max_abs_diff(got, want)
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] < atol, f"{field}: {worst} differs by {diffs[worst]:.3g}"
+  steps = {name: int(optimizer.state[p]["step"]) for name, p in student.named_parameters() if p.requires_grad}
+  assert steps["head.last_layer.weight_v"] == N_STEPS - STEPS_PER_EPOCH
+  assert set(v for k, v in steps.items() if "last_layer" not in k) == {N_STEPS}
+  assert int(state["opt_state"]["frozen"].inner_state.count) == N_STEPS - STEPS_PER_EPOCH
+  assert int(state["opt_state"]["main"].inner_state.count) == N_STEPS
+
+
+def test_last_layer_untouched_while_frozen(both_runs):
+  """After the frozen epoch the last layer and its AdamW state are exactly as they were (no decay, count 0)."""
+  state = both_runs["jax_states"][STEPS_PER_EPOCH - 1]
+  np.testing.assert_array_equal(state["params"]["head"]["last_layer_v"],
+                                both_runs["initial"]["head"]["last_layer_v"])
   for leaf in jax.tree.leaves(state["opt_state"]["frozen"]):
     assert not np.any(np.asarray(leaf)), "frozen group's Adam state moved while frozen"

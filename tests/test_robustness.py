@@ -138,3 +138,29 @@ def test_full_disk_is_refused_at_start(tmp_path, monkeypatch):
   monkeypatch.setattr(checks.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1 << 20))
   with pytest.raises(OSError, match="GiB free"):
     checks.check_disk(str(tmp_path), abstract, keep=3)
+
+
+def test_skipped_bad_samples_are_counted_and_bounded(synthetic_dir, tmp_path):
+  """A truncated band file: 'skip' trains on and counts it; past max_skipped_fraction the run stops."""
+  from jaxgeo import data
+  config = smoke_config(synthetic_dir, steps=4)
+  root, metadata = data.resolve_paths(config.data)
+  broken = tmp_path / "ben"
+  shutil.copytree(root, broken)
+  patch = data.build_source(config.data, "train").names[0]
+  band = broken / patch / f"{patch}_B04.tif"
+  band.write_bytes(band.read_bytes()[:200])
+
+  def configured(fraction):
+    c = smoke_config(synthetic_dir, steps=4)
+    with c.unlocked():
+      c.data.root, c.data.metadata = str(broken), metadata
+      c.data.on_bad_sample, c.data.max_skipped_fraction = "skip", fraction
+      c.eval.knn_every = 0
+    return c
+
+  assert loop.run(configured(0.5), str(tmp_path / "tolerant"), dino.make_task) == "done"
+  rows = losses_by_step(str(tmp_path / "tolerant"))
+  assert max(row["skipped_samples"] for row in rows.values()) == 1
+  with pytest.raises(RuntimeError, match="1 bad samples skipped"):
+    loop.run(configured(0.0), str(tmp_path / "strict"), dino.make_task)

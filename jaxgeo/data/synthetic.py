@@ -22,7 +22,7 @@ from affine import Affine
 from jaxgeo.data import bigearthnet as ben
 from jaxgeo.data.geotiff import resize_bilinear, write_geotiff
 
-_FORMAT_VERSION = 2  # bump when the written data changes, so stale caches are not reused
+_FORMAT_VERSION = 3  # bump when the written data changes, so stale caches are not reused
 _SIZE = ben.PATCH_SIZE
 _CRS = "EPSG:32633"  # UTM 33N, the zone of much of BigEarthNet's central Europe
 _TILE = "S2A_MSIL2A_20170613T101031"
@@ -245,7 +245,8 @@ def write_synthetic_bigearthnet(directory: str | os.PathLike, num_patches: int, 
       ulx, uly = _ORIGIN[0] + col * 1200.0, _ORIGIN[1] - row * 1200.0
       reflectance, _, labels_43 = render_patch(rng, *_sample_themes(rng))
       patch_dir = os.path.join(staging, "BigEarthNet-v1.0", name)
-      _write_patch(patch_dir, name, reflectance, ulx, uly, rng)
+      # The acquisition draws from its own stream, so retuning it never reshuffles the scenes.
+      _write_patch(patch_dir, name, reflectance, ulx, uly, np.random.default_rng((seed, i)))
       with open(os.path.join(patch_dir, f"{name}_labels_metadata.json"), "w") as f:
         json.dump({"labels": labels_43, "coordinates": {"ulx": ulx, "uly": uly, "lrx": ulx + 1200.0,
                                                         "lry": uly - 1200.0},

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeo.train.dino import build_backbone
+from jaxgeo.models.vit import from_config as build_backbone
 
 
 def _pos_grid(params, where):

@@ -312,3 +312,19 @@ def vit(arch: str, **overrides) -> VisionTransformer:
     if name not in VIT_ARCHS:
         raise ValueError(f"vit.py: unknown arch {arch!r}; expected one of {sorted(VIT_ARCHS)}")
     return VisionTransformer(**{**VIT_ARCHS[name], **overrides})
+
+
+def compute_dtype(name):
+    """"auto": bfloat16 where the hardware has fast bf16 matmuls (GPU/TPU), float32 on CPU."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(name)
+
+
+def from_config(model_config, image_size, train_student=True):
+    """The ViT a config's `model` section describes, its position grid sized for `image_size` crops."""
+    overrides = {k: model_config[k] for k in ("depth", "embed_dim", "num_heads") if model_config[k] > 0}
+    return vit(model_config.arch, patch_size=model_config.patch_size,
+               drop_path_rate=model_config.drop_path_rate if train_student else 0.0,
+               pos_grid=image_size // model_config.patch_size, dtype=compute_dtype(model_config.dtype),
+               attention=model_config.attention, **overrides)

@@ -37,28 +37,14 @@ class DinoModel(nn.Module):
     return logits.reshape(n_crops, batch, -1)
 
 
-def compute_dtype(name):
-  if name == "auto":
-    return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
-  return jnp.dtype(name)
-
-
-def build_backbone(model_config, image_size, train_student=True):
-  overrides = {k: model_config[k] for k in ("depth", "embed_dim", "num_heads") if model_config[k] > 0}
-  return vit.vit(model_config.arch, patch_size=model_config.patch_size,
-                 drop_path_rate=model_config.drop_path_rate if train_student else 0.0,
-                 pos_grid=image_size // model_config.patch_size, dtype=compute_dtype(model_config.dtype),
-                 attention=model_config.attention, **overrides)
-
-
 def build_models(config):
   """Student (with stochastic depth) and teacher (without), same architecture and param tree."""
   def one(student):
-    backbone = build_backbone(config.model, config.aug.global_size, train_student=student)
+    backbone = vit.from_config(config.model, config.aug.global_size, train_student=student)
     head = heads.DINOHead(out_dim=config.head.out_dim, hidden_dim=config.head.hidden_dim,
                           bottleneck_dim=config.head.bottleneck_dim,
                           norm_last_layer=config.head.norm_last_layer,
-                          dtype=compute_dtype(config.model.dtype))
+                          dtype=vit.compute_dtype(config.model.dtype))
     return DinoModel(backbone=backbone, head=head)
   return one(True), one(False)
 
@@ -139,7 +125,7 @@ def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh
                "num_skipped": jnp.sum(batch["num_skipped"])}
     return new_state, metrics
 
-  eval_backbone = build_backbone(config.model, aug.global_size, train_student=False)
+  eval_backbone = vit.from_config(config.model, aug.global_size, train_student=False)
 
   def embed(state, images):
     """Teacher CLS features of whole patches resized to the global crop size (the kNN/probe view)."""
