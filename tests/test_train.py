@@ -120,3 +120,28 @@ def test_mistyped_override_is_rejected():
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "global_batchsize" in result.stderr
+
+
+def test_training_starts_from_pytorch_weights(smoke_run, tmp_path):
+  """config.init.checkpoint: a PyTorch-format backbone lands in both student and teacher, sharded."""
+  from jaxgeo import bridge
+  config, workdir, _ = smoke_run
+  config = config.copy_and_resolve_references()  # the session's config stays as it was
+  trained = checkpoint.load_params(workdir, "teacher")["backbone"]
+  path = str(tmp_path / "backbone.pth")
+  bridge.save_state_dict(bridge.to_torch_state_dict({"params": trained}), path)
+  with config.unlocked():
+    config.init.checkpoint = path
+  source, _ = loop.make_input(config, "train")
+  mean, std = loop.data.normalization_stats(config.data.bands)
+  mesh = parallel.make_mesh(config.mesh)
+  task = dino.make_task(config, steps_per_epoch=4, total_steps=12, in_chans=len(source.bands), mean=mean,
+                        std=std, mesh=mesh)
+  abstract = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+  shardings = parallel.tree_shardings(abstract, config.sharding_rules, mesh)
+  fresh = jax.jit(task.init, out_shardings=shardings)(jax.random.PRNGKey(0))
+  state = loop._import_backbone(config, task, fresh, shardings)
+  for key in ("params", "teacher"):
+    for a, b in zip(jax.tree.leaves(state[key]["backbone"]), jax.tree.leaves(trained)):
+      np.testing.assert_array_equal(np.asarray(a), b)
+    assert jax.tree.leaves(state[key]["backbone"])[0].sharding == jax.tree.leaves(shardings[key]["backbone"])[0]
