@@ -2,12 +2,13 @@
 
 The config is locked before overrides apply, so a mistyped key fails here, before any compute.
 """
-import logging as pylogging
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxgeo.logs import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dino_ben.py:smoke",
                                           lock_config=True)
@@ -42,16 +43,8 @@ def main(argv):
   logging.info("finished: %s", status)
 
 
-class _LibraryChatter(pylogging.Filter):
-  """Orbax and Grain narrate every save and read at INFO; keep their warnings, drop the narration."""
-
-  def filter(self, record):
-    quiet = ("/orbax/", "/grain/")
-    return record.levelno >= pylogging.WARNING or not any(q in record.pathname for q in quiet)
-
-
 def run():
-  logging.get_absl_handler().addFilter(_LibraryChatter())
+  quiet_library_logs()
   app.run(main)
 
 

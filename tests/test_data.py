@@ -153,7 +153,9 @@ def test_three_metadata_forms_load_the_same_split(dataset, tmp_path):
       np.testing.assert_array_equal(by_name[0][name], by_name[2][name])
 
 
-def test_build_source_without_root_uses_cached_synthetic_data(synthetic_dir, dataset, caplog):
+def test_build_source_without_root_uses_cached_synthetic_data(synthetic_dir, dataset, caplog, monkeypatch):
+  import jaxgeo.data
+  monkeypatch.setattr(jaxgeo.data, "_ANNOUNCED", set())  # the notice is once per process and root
   config = {"root": None, "metadata": None, "synthetic_dir": str(synthetic_dir),
             "synthetic_num_patches": NUM_PATCHES, "bands": "rgb", "image_size": 120}
   with caplog.at_level(logging.WARNING):

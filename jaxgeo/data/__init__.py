@@ -14,6 +14,7 @@ from jaxgeo.data.synthetic import write_synthetic_bigearthnet
 log = logging.getLogger(__name__)
 DEFAULT_SYNTHETIC_DIR = "~/.cache/jaxgeo/synthetic_ben"
 DEFAULT_SYNTHETIC_PATCHES = 256
+_ANNOUNCED = set()
 
 
 def _field(config, name, default=None):
@@ -30,6 +31,9 @@ def resolve_paths(data_config) -> tuple[str, str | None]:
   directory = _field(data_config, "synthetic_dir", DEFAULT_SYNTHETIC_DIR)
   num_patches = int(_field(data_config, "synthetic_num_patches", DEFAULT_SYNTHETIC_PATCHES))
   root, metadata = write_synthetic_bigearthnet(directory, num_patches)
+  if root in _ANNOUNCED:
+    return root, metadata
+  _ANNOUNCED.add(root)  # once per process: every split and evaluation reads through here
   log.warning("config.data.root is not set: using SYNTHETIC BigEarthNet-S2 data (%d generated patches at %s); "
               "results say nothing about real imagery. To train on real BigEarthNet-S2, pass "
               "--config.data.root=/path/to/BigEarthNet-v1.0 and, for the official splits, "

@@ -111,4 +111,6 @@ if __name__ == "__main__":
   _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "jaxgeo run folder or PyTorch DINO checkpoint")
   _PATCH = flags.DEFINE_string("patch", None, "BigEarthNet patch folder or multi-band GeoTIFF", required=True)
   _OUT = flags.DEFINE_string("out", "attention.png", "output PNG")
+  from jaxgeo.logs import quiet_library_logs
+  quiet_library_logs()
   app.run(main)

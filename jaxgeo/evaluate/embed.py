@@ -92,4 +92,6 @@ if __name__ == "__main__":
   _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "jaxgeo run folder or PyTorch DINO checkpoint")
   _SPLIT = flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "split to embed")
   _OUT = flags.DEFINE_string("out", "embeddings.parquet", "output parquet file")
+  from jaxgeo.logs import quiet_library_logs
+  quiet_library_logs()
   app.run(main)
