@@ -55,9 +55,9 @@ class _StopFlag:
       signal.signal(s, handler)
 
 
-def make_input(config, split, *, shuffle=True, num_epochs=1, drop_remainder=True):
-  """Grain iterator over this process's share of `split`, plus its source."""
-  source = data.build_source(config.data, split)
+def make_input(config, split, *, shuffle=True, num_epochs=1, drop_remainder=True, source=None):
+  """Grain dataset of this process's share of `split` (or of the given source), plus its source."""
+  source = data.build_source(config.data, split) if source is None else source
   per_process = config.train.global_batch_size // jax.process_count()
   dataset = pipeline.make_iter_dataset(
       source, batch_size_per_process=per_process, seed=config.seed, num_epochs=num_epochs, shuffle=shuffle,
@@ -77,12 +77,12 @@ def run(config, workdir, make_task):
   is_chief = jax.process_index() == 0
 
   # ---- input
-  source, _ = make_input(config, "train")
+  source = data.build_source(config.data, "train")
   global_batch = config.train.global_batch_size
   steps_per_epoch = len(source) // global_batch
   checks.check_schedule(config, steps_per_epoch, len(source))
   total_steps = config.train.steps if config.train.steps > 0 else config.train.epochs * steps_per_epoch
-  _, dataset = make_input(config, "train", num_epochs=math.ceil(total_steps / steps_per_epoch))
+  _, dataset = make_input(config, "train", num_epochs=math.ceil(total_steps / steps_per_epoch), source=source)
   iterator = iter(dataset)
   mean, std = data.normalization_stats(config.data.bands)
 
