@@ -93,15 +93,22 @@ def tree_shardings(tree, rules, mesh):
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def _leaf_layout(tree, shardings):
+  """(path, shape, bytes, bytes per device, replicated?) for every leaf: what the two reports below read."""
+  rows = []
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings)):
+    itemsize = np.dtype(leaf.dtype).itemsize
+    shape = tuple(leaf.shape)
+    rows.append((path_str(path), shape, int(np.prod(shape)) * itemsize,
+                 int(np.prod(sharding.shard_shape(shape))) * itemsize,
+                 all(axis is None for axis in sharding.spec)))
+  return rows
+
+
 def replicated_fraction(tree, shardings):
   """Fraction of the tree's bytes that every device holds in full (used to check FSDP rules)."""
-  total = replicated_bytes = 0
-  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-    nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-    total += nbytes
-    if all(axis is None for axis in sharding.spec):
-      replicated_bytes += nbytes
-  return replicated_bytes / max(total, 1)
+  rows = _leaf_layout(tree, shardings)
+  return sum(r[2] for r in rows if r[4]) / max(sum(r[2] for r in rows), 1)
 
 
 def sharding_summary(tree, shardings, top=5):
@@ -109,22 +116,13 @@ def sharding_summary(tree, shardings, top=5):
 
   Printed once at start-up by the training loop, so a run's FSDP layout can be checked from its log.
   """
-  total = replicated_bytes = per_device = 0
-  replicated_leaves, sharded_count = [], 0
-  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings)):
-    nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-    total += nbytes
-    shard_shape = sharding.shard_shape(tuple(leaf.shape))
-    per_device += int(np.prod(shard_shape)) * np.dtype(leaf.dtype).itemsize
-    if all(axis is None for axis in sharding.spec):
-      replicated_bytes += nbytes
-      replicated_leaves.append((nbytes, path_str(path), tuple(leaf.shape)))
-    else:
-      sharded_count += 1
-  lines = [f"state: {total / 2**20:.1f} MiB in {sharded_count + len(replicated_leaves)} arrays, "
-           f"{per_device / 2**20:.1f} MiB per device; {sharded_count} sharded, {len(replicated_leaves)} "
-           f"replicated ({replicated_bytes / max(total, 1):.2%} of the bytes)"]
-  for nbytes, name, shape in sorted(replicated_leaves, reverse=True)[:top]:
+  rows = _leaf_layout(tree, shardings)
+  total = sum(r[2] for r in rows)
+  replicated = sorted(((r[2], r[0], r[1]) for r in rows if r[4]), reverse=True)
+  lines = [f"state: {total / 2**20:.1f} MiB in {len(rows)} arrays, "
+           f"{sum(r[3] for r in rows) / 2**20:.1f} MiB per device; {len(rows) - len(replicated)} sharded, "
+           f"{len(replicated)} replicated ({replicated_fraction(tree, shardings):.2%} of the bytes)"]
+  for nbytes, name, shape in replicated[:top]:
     if nbytes:
       lines.append(f"  replicated: {name} {shape} {nbytes / 2**10:.1f} KiB")
   return "\n".join(lines)

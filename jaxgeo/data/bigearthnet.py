@@ -109,6 +109,13 @@ def normalization_stats(bands: str | Sequence[str]) -> tuple[tuple[float, ...], 
   return tuple(BAND_MEAN[b] for b in names), tuple(BAND_STD[b] for b in names)
 
 
+def scale_reflectance(reflectance: np.ndarray, rgb: bool) -> np.ndarray:
+  """Model input from reflectance DN: true colour as clip(DN / 2000, 0, 1), other band sets as DN / 10000."""
+  if rgb:
+    return np.clip(reflectance / 2000.0, 0.0, 1.0).astype(np.float32)
+  return (reflectance / 10000.0).astype(np.float32)
+
+
 def hash_split(name: str) -> str:
   """Split of a patch when no metadata says: sha256 of the name, 60% train / 20% validation / 20% test."""
   bucket = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % 100
@@ -251,11 +258,7 @@ class BigEarthNetSource:
     index = int(index)
     patch_dir = self.patch_dir(index)
     image = np.stack([self._read_band(patch_dir, band) for band in self.bands], axis=-1)
-    if self.rgb_scaling:
-      image = np.clip(image / 2000.0, 0.0, 1.0)
-    else:
-      image = image / 10000.0
-    return {"image": image.astype(np.float32), "labels": self._labels_of(index, patch_dir),
+    return {"image": scale_reflectance(image, self.rgb_scaling), "labels": self._labels_of(index, patch_dir),
             "index": np.int32(index)}
 
   def problems(self, index: int) -> list[BadSampleError]:

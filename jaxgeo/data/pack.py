@@ -141,6 +141,9 @@ class PackedSource:
       offset += size
     self._payload_bytes = offset
     self._band_layout = [offsets[b] for b in self.bands]
+    self._bands_by_shape: dict[tuple, list[int]] = {}  # requested channels grouped by native size
+    for c, (_, shape) in enumerate(self._band_layout):
+      self._bands_by_shape.setdefault(shape, []).append(c)
     self._records = grain.sources.ArrayRecordDataSource([self.path])
     if len(self._records) != len(self.names):
       raise ValueError(f"{self.path}: {len(self._records)} records, {len(self.names)} names in the store")
@@ -165,23 +168,16 @@ class PackedSource:
     # Bands of one native size are resampled together: resize_bilinear is elementwise across the trailing axis,
     # so this is bit-equal to the folder reader's band-by-band resize and does the index work once.
     channels = [None] * len(self.bands)
-    by_shape: dict[tuple, list[int]] = {}
-    for c, (_, shape) in enumerate(self._band_layout):
-      by_shape.setdefault(shape, []).append(c)
-    for shape, members in by_shape.items():
+    for shape, members in self._bands_by_shape.items():
       stack = np.stack([np.frombuffer(pixels, "<u2", count=shape[0] * shape[1], offset=self._band_layout[c][0])
                         .reshape(shape) for c in members], axis=-1)
       resized = resize_bilinear(stack, size)
       for k, c in enumerate(members):
         channels[c] = resized[..., k]
-    image = np.stack(channels, axis=-1)
-    if self.rgb_scaling:
-      image = np.clip(image / 2000.0, 0.0, 1.0)
-    else:
-      image = image / 10000.0
+    image = ben.scale_reflectance(np.stack(channels, axis=-1), self.rgb_scaling)
     labels = np.zeros(len(ben.CLASSES_19), np.float32)
     labels[header["labels"]] = 1.0
-    return {"image": image.astype(np.float32), "labels": labels, "index": np.int32(index)}
+    return {"image": image, "labels": labels, "index": np.int32(index)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ def read_patch(path, bands):
     rgb_index = [names.index(b) for b in bigearthnet.RGB_BANDS if b in names]
     picture = (reflectance[..., rgb_index] if len(rgb_index) == 3 else reflectance[..., :1].repeat(3, -1))
     picture = picture / 2000.0
-  image = np.clip(reflectance / 2000.0, 0.0, 1.0) if rgb_input else reflectance / 10000.0
-  return image.astype(np.float32), np.clip(picture, 0.0, 1.0).astype(np.float32)
+  image = bigearthnet.scale_reflectance(reflectance, rgb_input)
+  return image, np.clip(picture, 0.0, 1.0).astype(np.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
