@@ -13,6 +13,7 @@
    loader (folder and packed, several worker_count:prefetch settings) against the same step fed one fixed device
    batch from memory. loader rate / memory rate near 1 means the step, not the input, sets the pace.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dino_step  # noqa: E402  (sets the XLA / allocator environment before jax is imported)
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxgeo import data, parallel  # noqa: E402
-from jaxgeo.data import pack as pack_lib, pipeline  # noqa: E402
+from jaxgeo.data import pack as pack_lib  # noqa: E402
+from jaxgeo.data import pipeline
 
 
 def read_rate(source, seconds, min_reads):
@@ -47,15 +48,15 @@ def read_rate(source, seconds, min_reads):
 
 def loader_rate(step, source, global_batch, worker_count, prefetch, steps, warmup):
   """Images/s of the step fed by the grain loader, dispatched as loop.py does (no sync between steps)."""
-  dataset = pipeline.make_iter_dataset(source, batch_size_per_process=global_batch, seed=0, num_epochs=None,
-                                       worker_count=worker_count, prefetch=prefetch)
+  dataset = pipeline.make_iter_dataset(
+    source, batch_size_per_process=global_batch, seed=0, num_epochs=None, worker_count=worker_count, prefetch=prefetch
+  )
   iterator = iter(dataset)
 
   def one():
     batch = next(iterator)
     # Only what the step reads, so the program (and its compile-cache entry) is the in-memory one.
-    device_batch = parallel.host_to_global({"image": batch["image"], "num_skipped": batch["num_skipped"]},
-                                           step.mesh)
+    device_batch = parallel.host_to_global({"image": batch["image"], "num_skipped": batch["num_skipped"]}, step.mesh)
     step.state, metrics = step.compiled(step.state, device_batch)
     return metrics
 
@@ -67,7 +68,7 @@ def loader_rate(step, source, global_batch, worker_count, prefetch, steps, warmu
     metrics = one()
   jax.block_until_ready((step.state, metrics))
   elapsed = time.perf_counter() - start
-  del iterator  # stops grain's worker processes
+  iterator = None  # drops the last reference: stops grain's worker processes
   return steps * global_batch / elapsed
 
 
@@ -100,8 +101,9 @@ def main(argv=None):
   smoke = args.smoke
   num_patches = args.num_patches or (32 if smoke else 512)
   read_seconds = args.read_seconds or (0.5 if smoke else 10.0)
-  settings = [tuple(int(x) for x in s.split(":")) for s in (args.settings or ("0:2" if smoke else "0:2,1:2,2:4"))
-              .split(",")]
+  settings = [
+    tuple(int(x) for x in s.split(":")) for s in (args.settings or ("0:2" if smoke else "0:2,1:2,2:4")).split(",")
+  ]
   steps = args.steps or (3 if smoke else 20)
   info = dino_step.machine()
   print(f"machine: {info['device_kind']} ({info['jax_backend']}), CPU {info['cpu_model']} x{info['cpu_count']}")
@@ -124,8 +126,11 @@ def main(argv=None):
   for bands in ("rgb", "all"):
     rates = {}
     for kind in ("folder", "packed"):
-      source = (data.BigEarthNetSource(root, metadata, split="train", bands=bands) if kind == "folder"
-                else pack_lib.PackedSource(packed, split="train", bands=bands))
+      source = (
+        data.BigEarthNetSource(root, metadata, split="train", bands=bands)
+        if kind == "folder"
+        else pack_lib.PackedSource(packed, split="train", bands=bands)
+      )
       rate, reads = read_rate(source, read_seconds, min_reads=8)
       rates[kind] = rate
       reading.append({"source": kind, "bands": bands, "patches_per_s_per_core": rate, "reads": reads})
@@ -150,34 +155,49 @@ def main(argv=None):
       for worker_count, prefetch in settings:
         row = {"input": kind, "reader": type(source).__name__, "worker_count": worker_count, "prefetch": prefetch}
         try:
-          rate = loader_rate(step, source, config.train.global_batch_size, worker_count, prefetch, steps,
-                             warmup=2)
+          rate = loader_rate(step, source, config.train.global_batch_size, worker_count, prefetch, steps, warmup=2)
           row.update(images_per_s=rate, fraction_of_memory=rate / in_memory)
-          print(f"  e2e {kind:<7} workers={worker_count} prefetch={prefetch}  {rate:9.1f} img/s  "
-                f"({100 * rate / in_memory:.0f}% of memory)", flush=True)
+          print(
+            f"  e2e {kind:<7} workers={worker_count} prefetch={prefetch}  {rate:9.1f} img/s  "
+            f"({100 * rate / in_memory:.0f}% of memory)",
+            flush=True,
+          )
         except Exception as e:  # pylint: disable=broad-except
           row["error"] = f"{type(e).__name__}: {e}"
           print(f"  e2e {kind} workers={worker_count}: ERROR {row['error']}", flush=True)
         e2e.append(row)
 
   result = {
-      "benchmark": "data_loader", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
-      "machine": info, "gpu_available": info["gpu_available"],
-      "note": ("GPU run" if info["gpu_available"] else "NO GPU available: the end-to-end rows are CPU-device "
-               "numbers" + (" at smoke (tiny) shapes" if smoke else "") + ", not GPU results"),
-      "smoke": smoke, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "data": {"root": root, "metadata": metadata, "packed": packed, "synthetic": not args.root,
-               "train_patches": len(pack_lib.PackedSource(packed, split="train", bands="rgb"))},
-      "reading": reading,
-      "reading_note": "one thread in one process (= one core), source[i] over a shuffled order incl. decoding, "
-                      "resampling to 120 px and scaling; page cache warm after the first pass",
-      "end_to_end": e2e,
-      "end_to_end_note": "the jaxgeo DINO step with on-device augmentation, dispatched as train/loop.py does; "
-                         "fraction_of_memory = loader images/s / fixed-device-batch images/s",
+    "benchmark": "data_loader",
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
+    "machine": info,
+    "gpu_available": info["gpu_available"],
+    "note": (
+      "GPU run"
+      if info["gpu_available"]
+      else "NO GPU available: the end-to-end rows are CPU-device "
+      "numbers" + (" at smoke (tiny) shapes" if smoke else "") + ", not GPU results"
+    ),
+    "smoke": smoke,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "data": {
+      "root": root,
+      "metadata": metadata,
+      "packed": packed,
+      "synthetic": not args.root,
+      "train_patches": len(pack_lib.PackedSource(packed, split="train", bands="rgb")),
+    },
+    "reading": reading,
+    "reading_note": "one thread in one process (= one core), source[i] over a shuffled order incl. decoding, "
+    "resampling to 120 px and scaling; page cache warm after the first pass",
+    "end_to_end": e2e,
+    "end_to_end_note": "the jaxgeo DINO step with on-device augmentation, dispatched as train/loop.py does; "
+    "fraction_of_memory = loader images/s / fixed-device-batch images/s",
   }
-  out = args.out or os.path.join(dino_step.REPO, "benchmarks", "results",
-                                 f"data_loader_{'smoke' if smoke else 'full'}_{info['jax_backend']}.json")
+  out = args.out or os.path.join(
+    dino_step.REPO, "benchmarks", "results", f"data_loader_{'smoke' if smoke else 'full'}_{info['jax_backend']}.json"
+  )
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(result, f, indent=1)

@@ -16,6 +16,7 @@ PyTorch is fed ready-made crops (in the reference, augmentation runs on CPU load
 Paper timing setting (default): ViT-S/16, head out_dim 65536, 2 x 224 + 10 x 96 crops, bf16 (jax) / fp16
 autocast (torch). No GPU number is ever estimated: on a CPU the JSON says so and MFU is null.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,27 +50,34 @@ from jaxgeo.train import dino  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Dense (no sparsity) peak TFLOP/s in the benchmark's matmul dtype (bf16 / fp16 tensor cores), by device kind.
 PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("V100", 125.0))
-PEAK_NOTE = ("dense bf16/fp16 tensor-core peak per device: H100 SXM / H200 989, A100 312, V100 125 TFLOP/s "
-             "(an H100 PCIe is 756: its MFU here reads low); CPU: none, MFU null")
+PEAK_NOTE = (
+  "dense bf16/fp16 tensor-core peak per device: H100 SXM / H200 989, A100 312, V100 125 TFLOP/s "
+  "(an H100 PCIe is 756: its MFU here reads low); CPU: none, MFU null"
+)
 FLOPS_FORMULA = (
-    "flops_per_step = global_batch * (3 * F_student + F_teacher), matmul FLOPs only (2 per multiply-add; "
-    "softmax, norms, GELU, loss, optimizer and augmentation not counted); "
-    "F_student = 2 * F_vit(G) + n_local * F_vit(l) + (2 + n_local) * F_head, F_teacher = 2 * F_vit(G) + 2 * F_head "
-    "(3x = forward + backward); F_vit(r) = depth * (24 * N * D^2 + 4 * N^2 * D) + 2 * (N - 1) * p^2 * C * D with "
-    "N = (r / p)^2 + 1 tokens; F_head = 2 * (D * H + H * H + H * K + K * O); D embed dim, p patch, C channels, "
-    "G / l global / local crop size, H head hidden dim, K bottleneck dim, O out_dim")
+  "flops_per_step = global_batch * (3 * F_student + F_teacher), matmul FLOPs only (2 per multiply-add; "
+  "softmax, norms, GELU, loss, optimizer and augmentation not counted); "
+  "F_student = 2 * F_vit(G) + n_local * F_vit(l) + (2 + n_local) * F_head, F_teacher = 2 * F_vit(G) + 2 * F_head "
+  "(3x = forward + backward); F_vit(r) = depth * (24 * N * D^2 + 4 * N^2 * D) + 2 * (N - 1) * p^2 * C * D with "
+  "N = (r / p)^2 + 1 tokens; F_head = 2 * (D * H + H * H + H * K + K * O); D embed dim, p patch, C channels, "
+  "G / l global / local crop size, H head hidden dim, K bottleneck dim, O out_dim"
+)
 
 
 def vit_flops(size, patch, chans, dim, depth):
   tokens = (size // patch) ** 2 + 1
-  return depth * (24 * tokens * dim ** 2 + 4 * tokens ** 2 * dim) + 2 * (tokens - 1) * patch ** 2 * chans * dim
+  return depth * (24 * tokens * dim**2 + 4 * tokens**2 * dim) + 2 * (tokens - 1) * patch**2 * chans * dim
 
 
 def step_flops(shape, global_batch):
   """Analytic matmul FLOPs of one DINO step (see FLOPS_FORMULA); `shape` is the dict of dims."""
   s = shape
-  head = 2 * (s["embed_dim"] * s["hidden_dim"] + s["hidden_dim"] ** 2 + s["hidden_dim"] * s["bottleneck_dim"]
-              + s["bottleneck_dim"] * s["out_dim"])
+  head = 2 * (
+    s["embed_dim"] * s["hidden_dim"]
+    + s["hidden_dim"] ** 2
+    + s["hidden_dim"] * s["bottleneck_dim"]
+    + s["bottleneck_dim"] * s["out_dim"]
+  )
   vit_global = vit_flops(s["global_size"], s["patch_size"], s["in_chans"], s["embed_dim"], s["depth"])
   vit_local = vit_flops(s["local_size"], s["patch_size"], s["in_chans"], s["embed_dim"], s["depth"])
   student = 2 * vit_global + s["local_crops"] * vit_local + (2 + s["local_crops"]) * head
@@ -93,19 +101,29 @@ def load_dino_config(smoke, arch="small"):
 
 def model_shape(config, in_chans):
   from jaxgeo.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
+
   arch = dict(vit_lib.VIT_ARCHS[config.model.arch])
   for key in ("depth", "embed_dim", "num_heads"):
     if config.model[key] > 0:
       arch[key] = config.model[key]
-  return {"arch": config.model.arch, **arch, "patch_size": config.model.patch_size, "in_chans": in_chans,
-          "global_size": config.aug.global_size, "local_size": config.aug.local_size,
-          "local_crops": config.aug.local_crops_number, "out_dim": config.head.out_dim,
-          "hidden_dim": config.head.hidden_dim, "bottleneck_dim": config.head.bottleneck_dim}
+  return {
+    "arch": config.model.arch,
+    **arch,
+    "patch_size": config.model.patch_size,
+    "in_chans": in_chans,
+    "global_size": config.aug.global_size,
+    "local_size": config.aug.local_size,
+    "local_crops": config.aug.local_crops_number,
+    "out_dim": config.head.out_dim,
+    "hidden_dim": config.head.hidden_dim,
+    "bottleneck_dim": config.head.bottleneck_dim,
+  }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # jaxgeo
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class JaxStep:
   """The jaxgeo DINO state + compiled step for one config, built exactly as train/loop.py builds them.
@@ -117,8 +135,9 @@ class JaxStep:
   def __init__(self, config, mesh, *, in_chans=3, image_size=120, augmentation=True, total_steps=100_000):
     self.config, self.mesh = config, mesh
     mean, std = data.normalization_stats(config.data.bands)
-    task = dino.make_task(config, steps_per_epoch=1000, total_steps=total_steps, in_chans=in_chans, mean=mean,
-                          std=std, mesh=mesh)
+    task = dino.make_task(
+      config, steps_per_epoch=1000, total_steps=total_steps, in_chans=in_chans, mean=mean, std=std, mesh=mesh
+    )
     rng = jax.random.PRNGKey(config.seed)
     abstract = jax.eval_shape(task.init, rng)
     shardings = parallel.tree_shardings(abstract, config.sharding_rules, mesh)
@@ -129,15 +148,23 @@ class JaxStep:
       batch = {"image": host.uniform(0, 1, (global_batch, image_size, image_size, in_chans)).astype(np.float32)}
     else:
       aug = config.aug
-      batch = {"image": (
+      batch = {
+        "image": (
           host.standard_normal((2, global_batch, aug.global_size, aug.global_size, in_chans), np.float32),
-          host.standard_normal((aug.local_crops_number, global_batch, aug.local_size, aug.local_size, in_chans),
-                               np.float32))}
+          host.standard_normal(
+            (aug.local_crops_number, global_batch, aug.local_size, aug.local_size, in_chans), np.float32
+          ),
+        )
+      }
     batch["num_skipped"] = np.zeros((global_batch,), np.int32)
     self.batch = self._to_device(batch)
     batch_shardings = jax.tree.map(lambda a: a.sharding, self.batch)
-    step_fn = jax.jit(task.step, in_shardings=(shardings, batch_shardings),
-                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    step_fn = jax.jit(
+      task.step,
+      in_shardings=(shardings, batch_shardings),
+      out_shardings=(shardings, parallel.replicated(mesh)),
+      donate_argnums=0,
+    )
     start = time.perf_counter()
     if augmentation:
       self.compiled = step_fn.lower(self.state, self.batch).compile()
@@ -153,11 +180,13 @@ class JaxStep:
   def _to_device(self, batch):
     def put(path, array):
       # Crops are [crop, batch, ...]: their batch axis is the second.
-      crop_major = any(getattr(k, "key", None) == "image" for k in path) and isinstance(array, np.ndarray) \
-          and array.ndim == 5
+      crop_major = (
+        any(getattr(k, "key", None) == "image" for k in path) and isinstance(array, np.ndarray) and array.ndim == 5
+      )
       spec = (None, parallel.BATCH_AXES) if crop_major else (parallel.BATCH_AXES,)
       sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
       return jax.make_array_from_process_local_data(sharding, array)
+
     return jax.tree_util.tree_map_with_path(put, batch)
 
   def xla_flops(self):
@@ -171,8 +200,12 @@ class JaxStep:
   def compiled_memory(self):
     try:
       m = self.compiled.memory_analysis()
-      return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
-              "temp_bytes": int(m.temp_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes)}
+      return {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+      }
     except Exception:  # pylint: disable=broad-except
       return None
 
@@ -199,6 +232,7 @@ def jax_peak_memory():
 # PyTorch
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def torch_variant(shape, batch, flavour, *, warmup, steps, compile_backend, drop_path_rate):
   import torch  # pylint: disable=g-import-not-at-top
   import torch_dino  # pylint: disable=g-import-not-at-top
@@ -206,10 +240,21 @@ def torch_variant(shape, batch, flavour, *, warmup, steps, compile_backend, drop
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
   trainer = torch_dino.DinoTrainer(
-      arch=shape["arch"], depth=shape["depth"], embed_dim=shape["embed_dim"], num_heads=shape["num_heads"],
-      patch_size=shape["patch_size"], in_chans=shape["in_chans"], global_size=shape["global_size"],
-      out_dim=shape["out_dim"], hidden_dim=shape["hidden_dim"], bottleneck_dim=shape["bottleneck_dim"],
-      drop_path_rate=drop_path_rate, flavour=flavour, device=device, compile_backend=compile_backend)
+    arch=shape["arch"],
+    depth=shape["depth"],
+    embed_dim=shape["embed_dim"],
+    num_heads=shape["num_heads"],
+    patch_size=shape["patch_size"],
+    in_chans=shape["in_chans"],
+    global_size=shape["global_size"],
+    out_dim=shape["out_dim"],
+    hidden_dim=shape["hidden_dim"],
+    bottleneck_dim=shape["bottleneck_dim"],
+    drop_path_rate=drop_path_rate,
+    flavour=flavour,
+    device=device,
+    compile_backend=compile_backend,
+  )
   g, l, c = shape["global_size"], shape["local_size"], shape["in_chans"]
   global_crops = torch.randn(2 * batch, c, g, g, device=device)
   local_crops = torch.randn(shape["local_crops"] * batch, c, l, l, device=device)
@@ -240,6 +285,7 @@ def torch_variant(shape, batch, flavour, *, warmup, steps, compile_backend, drop
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def machine():
   devices = jax.devices()
   cpu_model = None
@@ -248,19 +294,31 @@ def machine():
       cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
   except OSError:
     pass
-  info = {"jax_backend": jax.default_backend(), "device_kind": devices[0].device_kind,
-          "device_count": len(devices), "jax": jax.__version__, "python": platform.python_version(),
-          "cpu_model": cpu_model or platform.processor(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+  info = {
+    "jax_backend": jax.default_backend(),
+    "device_kind": devices[0].device_kind,
+    "device_count": len(devices),
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "cpu_model": cpu_model or platform.processor(),
+    "cpu_count": os.cpu_count(),
+    "platform": platform.platform(),
+  }
   try:
-    import jaxlib  # pylint: disable=g-import-not-at-top
     import flax  # pylint: disable=g-import-not-at-top
+    import jaxlib  # pylint: disable=g-import-not-at-top
+
     info.update(jaxlib=jaxlib.__version__, flax=flax.__version__)
   except ImportError:
     pass
   try:
     import torch  # pylint: disable=g-import-not-at-top
-    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda,
-                torch_device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+
+    info.update(
+      torch=torch.__version__,
+      torch_cuda=torch.version.cuda,
+      torch_device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    )
   except ImportError:
     info.update(torch=None)
   info["gpu_available"] = info["jax_backend"] == "gpu"
@@ -281,10 +339,13 @@ def peak_tflops(device_kind, backend):
 def summarize(times, flops, global_batch, devices, peak):
   median = statistics.median(times)
   achieved = flops / median / 1e12
-  return {"images_per_s": global_batch / median, "images_per_s_per_device": global_batch / median / devices,
-          "step_time_s": {"median": median, "min": min(times), "max": max(times), "timed_steps": len(times)},
-          "achieved_tflops": achieved,
-          "mfu": None if peak is None else achieved / (peak * devices)}
+  return {
+    "images_per_s": global_batch / median,
+    "images_per_s_per_device": global_batch / median / devices,
+    "step_time_s": {"median": median, "min": min(times), "max": max(times), "timed_steps": len(times)},
+    "achieved_tflops": achieved,
+    "mfu": None if peak is None else achieved / (peak * devices),
+  }
 
 
 def benchmark_batch(args, batch, mesh, info):
@@ -301,14 +362,28 @@ def benchmark_batch(args, batch, mesh, info):
     config = load_dino_config(args.smoke, args.arch)
     shape = model_shape(config, 3)
     flops = step_flops(shape, batch)  # torch runs one device's share
-    row = {"variant": name, "framework": "torch", "batch_per_device": batch, "global_batch": batch,
-           "devices": 1, "augmentation_in_step": False,
-           "attention": "naive (q@k^T, softmax, @v)" if flavour == "eager" else "F.scaled_dot_product_attention",
-           "precision": "fp16 autocast + GradScaler" if info["gpu_available"] else "fp32 (CPU: no autocast)",
-           "torch_compile": None if flavour == "eager" else backend, "flops_per_step": flops}
+    row = {
+      "variant": name,
+      "framework": "torch",
+      "batch_per_device": batch,
+      "global_batch": batch,
+      "devices": 1,
+      "augmentation_in_step": False,
+      "attention": "naive (q@k^T, softmax, @v)" if flavour == "eager" else "F.scaled_dot_product_attention",
+      "precision": "fp16 autocast + GradScaler" if info["gpu_available"] else "fp32 (CPU: no autocast)",
+      "torch_compile": None if flavour == "eager" else backend,
+      "flops_per_step": flops,
+    }
     try:
-      times, first_s, mem = torch_variant(shape, batch, flavour, warmup=args.warmup, steps=args.steps,
-                                          compile_backend=backend, drop_path_rate=config.model.drop_path_rate)
+      times, first_s, mem = torch_variant(
+        shape,
+        batch,
+        flavour,
+        warmup=args.warmup,
+        steps=args.steps,
+        compile_backend=backend,
+        drop_path_rate=config.model.drop_path_rate,
+      )
       row.update(summarize(times, flops, batch, 1, peak), first_step_s=first_s, peak_memory_bytes=mem)
     except Exception as e:  # pylint: disable=broad-except
       row["error"] = f"{type(e).__name__}: {e}"
@@ -324,13 +399,20 @@ def benchmark_batch(args, batch, mesh, info):
     config.train.global_batch_size = global_batch
     shape = model_shape(config, 3)
     flops = step_flops(shape, global_batch)
-    row = {"variant": name, "framework": "jaxgeo", "batch_per_device": batch, "global_batch": global_batch,
-           "devices": devices, "augmentation_in_step": augmentation,
-           "attention": "einsum softmax (XLA)" if attention == "xla" else
-                        "jax.nn.dot_product_attention(implementation='cudnn')"
-                        + ("" if info["gpu_available"] else " (CPU: falls back to XLA)"),
-           "precision": f"params fp32, compute {jnp.dtype(vit.compute_dtype(config.model.dtype)).name}",
-           "flops_per_step": flops}
+    row = {
+      "variant": name,
+      "framework": "jaxgeo",
+      "batch_per_device": batch,
+      "global_batch": global_batch,
+      "devices": devices,
+      "augmentation_in_step": augmentation,
+      "attention": "einsum softmax (XLA)"
+      if attention == "xla"
+      else "jax.nn.dot_product_attention(implementation='cudnn')"
+      + ("" if info["gpu_available"] else " (CPU: falls back to XLA)"),
+      "precision": f"params fp32, compute {jnp.dtype(vit.compute_dtype(config.model.dtype)).name}",
+      "flops_per_step": flops,
+    }
     try:
       step = JaxStep(config, mesh, augmentation=augmentation)
       first = time.perf_counter()
@@ -338,11 +420,16 @@ def benchmark_batch(args, batch, mesh, info):
       first_s = time.perf_counter() - first
       step.run(args.warmup - 1)
       times = step.run(args.steps)
-      row.update(summarize(times, flops, global_batch, devices, peak), compile_s=step.compile_s,
-                 first_step_s=first_s, xla_cost_analysis_flops=step.xla_flops(),
-                 compiled_memory=step.compiled_memory(), peak_memory_bytes=jax_peak_memory(),
-                 peak_memory_note="jax peak_bytes_in_use is the process's peak so far (all jax variants run "
-                                  "before this one included); compiled_memory is this step's own")
+      row.update(
+        summarize(times, flops, global_batch, devices, peak),
+        compile_s=step.compile_s,
+        first_step_s=first_s,
+        xla_cost_analysis_flops=step.xla_flops(),
+        compiled_memory=step.compiled_memory(),
+        peak_memory_bytes=jax_peak_memory(),
+        peak_memory_note="jax peak_bytes_in_use is the process's peak so far (all jax variants run "
+        "before this one included); compiled_memory is this step's own",
+      )
       del step
     except Exception as e:  # pylint: disable=broad-except
       row["error"] = f"{type(e).__name__}: {e}"
@@ -372,14 +459,16 @@ def _print_row(row):
     return
   mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
   mem = row.get("peak_memory_bytes")
-  print(f"  {row['variant']:<22} b={row['batch_per_device']:<4} {row['images_per_s_per_device']:9.1f} img/s/dev  "
-        f"step median {1e3 * row['step_time_s']['median']:8.1f} ms (min {1e3 * row['step_time_s']['min']:.1f}, "
-        f"max {1e3 * row['step_time_s']['max']:.1f})  {row['achieved_tflops']:.3f} TFLOP/s  MFU {mfu}  "
-        f"peak mem {'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'}", flush=True)
+  print(
+    f"  {row['variant']:<22} b={row['batch_per_device']:<4} {row['images_per_s_per_device']:9.1f} img/s/dev  "
+    f"step median {1e3 * row['step_time_s']['median']:8.1f} ms (min {1e3 * row['step_time_s']['min']:.1f}, "
+    f"max {1e3 * row['step_time_s']['max']:.1f})  {row['achieved_tflops']:.3f} TFLOP/s  MFU {mfu}  "
+    f"peak mem {'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'}",
+    flush=True,
+  )
 
 
-ALL_VARIANTS = ("torch_eager", "torch_compiled", "jaxgeo_xla", "jaxgeo_cudnn", "jaxgeo_xla_noaug",
-                "jaxgeo_cudnn_noaug")
+ALL_VARIANTS = ("torch_eager", "torch_compiled", "jaxgeo_xla", "jaxgeo_cudnn", "jaxgeo_xla_noaug", "jaxgeo_cudnn_noaug")
 
 SMOKE_VARIANTS = ("torch_eager", "torch_compiled", "jaxgeo_xla", "jaxgeo_cudnn_noaug")
 
@@ -392,19 +481,28 @@ def main(argv=None):
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (configs/dino_ben.py:smoke), few steps")
   parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 3)")
   parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, >= 1 (default 3)")
-  parser.add_argument("--devices", type=int, default=1,
-                      help="jax devices in the mesh (torch always uses one; -1: all)")
-  parser.add_argument("--variants", default=None,
-                      help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (default all; smoke: "
-                           f"{','.join(SMOKE_VARIANTS)}, which covers every code path once)")
-  parser.add_argument("--torch_compile_backend", default=None,
-                      help="default inductor (smoke: aot_eager, which skips codegen to stay CI-sized)")
-  parser.add_argument("--full_opt", action="store_true",
-                      help="with --smoke: keep XLA's full CPU optimisation (slower compile, faster steps)")
+  parser.add_argument("--devices", type=int, default=1, help="jax devices in the mesh (torch always uses one; -1: all)")
+  parser.add_argument(
+    "--variants",
+    default=None,
+    help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (default all; smoke: "
+    f"{','.join(SMOKE_VARIANTS)}, which covers every code path once)",
+  )
+  parser.add_argument(
+    "--torch_compile_backend",
+    default=None,
+    help="default inductor (smoke: aot_eager, which skips codegen to stay CI-sized)",
+  )
+  parser.add_argument(
+    "--full_opt",
+    action="store_true",
+    help="with --smoke: keep XLA's full CPU optimisation (slower compile, faster steps)",
+  )
   parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/dino_step_<...>.json)")
   args = parser.parse_args(argv)
-  args.variants = [v for v in (args.variants or ",".join(SMOKE_VARIANTS if args.smoke else ALL_VARIANTS))
-                   .split(",") if v]
+  args.variants = [
+    v for v in (args.variants or ",".join(SMOKE_VARIANTS if args.smoke else ALL_VARIANTS)).split(",") if v
+  ]
   unknown = sorted(set(args.variants) - set(ALL_VARIANTS))
   if unknown:
     parser.error(f"--variants: unknown {unknown}; expected names from {ALL_VARIANTS}")
@@ -414,11 +512,13 @@ def main(argv=None):
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
   info = machine()
-  devices = jax.devices() if args.devices == -1 else jax.devices()[:args.devices]
+  devices = jax.devices() if args.devices == -1 else jax.devices()[: args.devices]
   config = load_dino_config(args.smoke, args.arch)
   mesh = parallel.make_mesh(config.mesh, devices=devices)
-  print(f"machine: {info['device_kind']} x{mesh.size} ({info['jax_backend']}), jax {info['jax']}, "
-        f"torch {info.get('torch')}, CPU {info['cpu_model']}")
+  print(
+    f"machine: {info['device_kind']} x{mesh.size} ({info['jax_backend']}), jax {info['jax']}, "
+    f"torch {info.get('torch')}, CPU {info['cpu_model']}"
+  )
   if not info["gpu_available"]:
     print("NO GPU: these are CPU numbers (smoke-sized if --smoke), not GPU results; MFU is null")
   print("FLOPs:", FLOPS_FORMULA)
@@ -427,22 +527,37 @@ def main(argv=None):
     batch_rows, shape = benchmark_batch(args, batch, mesh, info)
     rows.extend(batch_rows)
   result = {
-      "benchmark": "dino_step", "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
-      "machine": info, "gpu_available": info["gpu_available"],
-      "note": ("GPU run" if info["gpu_available"] else
-               "NO GPU available: CPU numbers only" + (" at smoke (tiny) shapes" if args.smoke else "") +
-               "; they say nothing about GPU throughput and no GPU number is estimated"),
-      "smoke": args.smoke, "xla_flags": os.environ.get("XLA_FLAGS", ""), "model": shape, "steps": {"warmup": args.warmup, "timed": args.steps},
-      "input": {"jaxgeo": "a fixed device batch of 120x120 images; multi-crop augmentation runs on the device "
-                          "inside the step (jaxgeo_*), or ready-made crops are fed (jaxgeo_*_noaug)",
-                "torch": "ready-made crops on the device (augmentation excluded, as in jaxgeo_*_noaug)"},
-      "flops_formula": FLOPS_FORMULA, "peak_tflops_per_device": peak_tflops(info["device_kind"],
-                                                                            info["jax_backend"]),
-      "peak_tflops_note": PEAK_NOTE, "results": rows, "ratios": ratios(rows),
-      "ratios_note": "images/s per device of a jaxgeo variant over a torch variant, same run, same batch per device"}
-  out = args.out or os.path.join(REPO, "benchmarks", "results",
-                                 f"dino_step_{'smoke' if args.smoke else args.arch}_{info['jax_backend']}.json")
+    "benchmark": "dino_step",
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
+    "machine": info,
+    "gpu_available": info["gpu_available"],
+    "note": (
+      "GPU run"
+      if info["gpu_available"]
+      else "NO GPU available: CPU numbers only"
+      + (" at smoke (tiny) shapes" if args.smoke else "")
+      + "; they say nothing about GPU throughput and no GPU number is estimated"
+    ),
+    "smoke": args.smoke,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "model": shape,
+    "steps": {"warmup": args.warmup, "timed": args.steps},
+    "input": {
+      "jaxgeo": "a fixed device batch of 120x120 images; multi-crop augmentation runs on the device "
+      "inside the step (jaxgeo_*), or ready-made crops are fed (jaxgeo_*_noaug)",
+      "torch": "ready-made crops on the device (augmentation excluded, as in jaxgeo_*_noaug)",
+    },
+    "flops_formula": FLOPS_FORMULA,
+    "peak_tflops_per_device": peak_tflops(info["device_kind"], info["jax_backend"]),
+    "peak_tflops_note": PEAK_NOTE,
+    "results": rows,
+    "ratios": ratios(rows),
+    "ratios_note": "images/s per device of a jaxgeo variant over a torch variant, same run, same batch per device",
+  }
+  out = args.out or os.path.join(
+    REPO, "benchmarks", "results", f"dino_step_{'smoke' if args.smoke else args.arch}_{info['jax_backend']}.json"
+  )
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(result, f, indent=1)

@@ -11,6 +11,7 @@ the centre update. Two flavours:
               teacher wrapped in torch.compile, fused AdamW (CUDA) and a foreach EMA.
 Crops come in ready-made (augmentation is the data loader's job in the reference, on CPU workers).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ class Attention(nn.Module):
     if self.fused:
       out = F.scaled_dot_product_attention(query, key, value)
     else:
-      attn = (query * head_dim ** -0.5) @ key.transpose(-2, -1)
+      attn = (query * head_dim**-0.5) @ key.transpose(-2, -1)
       out = attn.softmax(dim=-1) @ value
     return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
@@ -72,8 +73,9 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
   """DINO ViT without classifier: normed CLS token; position embedding resized bicubically per crop size."""
 
-  def __init__(self, embed_dim, depth, num_heads, patch_size=16, in_chans=3, img_size=224, drop_path_rate=0.0,
-               fused=False):
+  def __init__(
+    self, embed_dim, depth, num_heads, patch_size=16, in_chans=3, img_size=224, drop_path_rate=0.0, fused=False
+  ):
     super().__init__()
     self.patch_size = patch_size
     self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
@@ -96,8 +98,9 @@ class VisionTransformer(nn.Module):
       return self.pos_embed
     grid = int(math.sqrt(num_patches))
     patch_pos = self.pos_embed[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, scale_factor=((h_patches + 0.1) / grid, (w_patches + 0.1) / grid),
-                              mode="bicubic")
+    patch_pos = F.interpolate(
+      patch_pos, scale_factor=((h_patches + 0.1) / grid, (w_patches + 0.1) / grid), mode="bicubic"
+    )
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h_patches * w_patches, -1)
     return torch.cat([self.pos_embed[:, :1], patch_pos], dim=1)
 
@@ -117,8 +120,13 @@ class DINOHead(nn.Module):
 
   def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
     super().__init__()
-    self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                             nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+    self.mlp = nn.Sequential(
+      nn.Linear(in_dim, hidden_dim),
+      nn.GELU(),
+      nn.Linear(hidden_dim, hidden_dim),
+      nn.GELU(),
+      nn.Linear(hidden_dim, bottleneck_dim),
+    )
     for m in self.mlp:
       if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
@@ -171,11 +179,32 @@ def param_groups(model):
 class DinoTrainer:
   """Holds student, teacher, optimiser, scaler and centre; `step(global_crops, local_crops)` is one update."""
 
-  def __init__(self, *, arch="small", depth=None, embed_dim=None, num_heads=None, patch_size=16, in_chans=3,
-               global_size=224, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, drop_path_rate=0.1,
-               flavour="eager", device="cpu", amp_dtype=torch.float16, compile_backend="inductor", lr=5e-4,
-               weight_decay=0.04, clip_grad=3.0, momentum_teacher=0.996, student_temp=0.1, teacher_temp=0.04,
-               center_momentum=0.9):
+  def __init__(
+    self,
+    *,
+    arch="small",
+    depth=None,
+    embed_dim=None,
+    num_heads=None,
+    patch_size=16,
+    in_chans=3,
+    global_size=224,
+    out_dim=65536,
+    hidden_dim=2048,
+    bottleneck_dim=256,
+    drop_path_rate=0.1,
+    flavour="eager",
+    device="cpu",
+    amp_dtype=torch.float16,
+    compile_backend="inductor",
+    lr=5e-4,
+    weight_decay=0.04,
+    clip_grad=3.0,
+    momentum_teacher=0.996,
+    student_temp=0.1,
+    teacher_temp=0.04,
+    center_momentum=0.9,
+  ):
     if flavour not in ("eager", "compiled"):
       raise ValueError(f"flavour: expected 'eager' or 'compiled', got {flavour!r}")
     dim, arch_depth, heads = ARCHS[arch]
@@ -196,8 +225,12 @@ class DinoTrainer:
     self.student_params = [p for p in self.student.parameters()]
     self.teacher_params = [p for p in self.teacher.parameters()]
     on_cuda = self.device.type == "cuda"
-    self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=lr, weight_decay=weight_decay,
-                                       **({"fused": True} if fused and on_cuda else {"foreach": False}))
+    self.optimizer = torch.optim.AdamW(
+      param_groups(self.student),
+      lr=lr,
+      weight_decay=weight_decay,
+      **({"fused": True} if fused and on_cuda else {"foreach": False}),
+    )
     self.weight_decay = weight_decay
     # fp16 autocast + GradScaler as the reference; on CPU no autocast (fp16 matmuls there are emulated).
     self.amp_dtype = amp_dtype if on_cuda else None
@@ -214,13 +247,13 @@ class DinoTrainer:
     """global_crops [2B, C, G, G], local_crops [LB, C, l, l] (crop-major, as the reference's collate)."""
     num_crops = 2 + local_crops.shape[0] // (global_crops.shape[0] // 2)
     self.student.train()
-    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                        enabled=self.amp_dtype is not None):
+    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
       teacher_out = self.teacher_forward([global_crops])
       groups = [global_crops, local_crops] if local_crops.shape[0] else [global_crops]
       student_out = self.student_forward(groups)
-      loss = dino_loss(student_out.float(), teacher_out.float(), self.center, num_crops, self.student_temp,
-                       self.teacher_temp)
+      loss = dino_loss(
+        student_out.float(), teacher_out.float(), self.center, num_crops, self.student_temp, self.teacher_temp
+      )
     self.optimizer.zero_grad(set_to_none=True)
     self.scaler.scale(loss).backward()
     self.scaler.unscale_(self.optimizer)

@@ -6,6 +6,7 @@
 
 Point it at real data with --config.data.root=/data/BigEarthNet-v1.0 [--config.data.metadata=meta.parquet].
 """
+
 from jaxgeo import config_utils
 from jaxgeo.config_utils import base_config
 
@@ -44,12 +45,12 @@ def get_config(arg=None):
   config.loss.warmup_teacher_temp_epochs = 0
   config.loss.center_momentum = 0.9
 
-  config.optim.base_lr = 5e-4           # at global batch 256; scaled linearly
+  config.optim.base_lr = 5e-4  # at global batch 256; scaled linearly
   config.optim.min_lr = 1e-6
   config.optim.warmup_epochs = 10
   config.optim.weight_decay = 0.04
   config.optim.weight_decay_end = 0.4
-  config.optim.clip_grad = 3.0          # per parameter tensor, as the reference
+  config.optim.clip_grad = 3.0  # per parameter tensor, as the reference
   config.optim.freeze_last_layer_epochs = 1
   config.optim.momentum_teacher = 0.996
 
@@ -61,12 +62,13 @@ def get_config(arg=None):
     # and in the kNN monitor. Tuned on the synthetic data, whose per-patch acquisition nuisance (illumination,
     # haze, spectral tilt; jaxgeo/data/synthetic.py) is what random features cannot see past.
     from jaxgeo.evaluate.linear import probe_config  # pylint: disable=g-import-not-at-top
+
     config.data.synthetic_num_patches = 640
     config.model.arch = "tiny"
     config.model.depth = 4
     config.model.patch_size = 16
     config.model.drop_path_rate = 0.0
-    config.head.out_dim = 256             # ~400 training patches; 1024 drifted toward near-uniform targets
+    config.head.out_dim = 256  # ~400 training patches; 1024 drifted toward near-uniform targets
     config.head.hidden_dim = 512
     config.head.bottleneck_dim = 128
     config.aug.global_size = 64
@@ -74,7 +76,7 @@ def get_config(arg=None):
     config.aug.local_crops_number = 2
     config.loss.warmup_teacher_temp_epochs = 2
     config.optim.warmup_epochs = 2
-    config.optim.base_lr = 4e-3           # 5e-4 at batch 32: a couple of hundred steps must move a tiny ViT
+    config.optim.base_lr = 4e-3  # 5e-4 at batch 32: a couple of hundred steps must move a tiny ViT
     # The kNN monitor and the probe read the teacher; at the reference 0.996 (its cosine ramp to 1 included)
     # the teacher of a run this short stays most of the way at its random init.
     config.optim.momentum_teacher = 0.97
@@ -86,8 +88,14 @@ def get_config(arg=None):
     config.eval.final_probe = True
     # Both rows (pretrained and random init) are probed identically: the reference protocol (CLS of the last
     # 4 blocks, SGD lr sweep selected on validation), trained long enough to converge on ~400 patches.
-    config.probe = probe_config(image_size=config.aug.global_size, n_last_blocks=4, epochs=100,
-                                batch_size=128, eval_every=5, feature_batch_size=32)
+    config.probe = probe_config(
+      image_size=config.aug.global_size,
+      n_last_blocks=4,
+      epochs=100,
+      batch_size=128,
+      eval_every=5,
+      feature_batch_size=32,
+    )
     config.data.worker_count = 0
   elif arg.variant == "smoke":
     config.data.synthetic_num_patches = 96

@@ -9,6 +9,7 @@ One command per row of the seed's table:
 Variants: `:smoke` (what the tests run, seconds) and `:demo` (pairs with dino_ben.py:demo's tiny ViT).
 The fields are documented in jaxgeo/evaluate/linear.py.
 """
+
 import ml_collections
 
 from jaxgeo import config_utils
@@ -19,7 +20,7 @@ from jaxgeo.evaluate.linear import probe_config
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, variant="full")
   config = base_config(method="linear")
-  config.init.workdir = ml_collections.config_dict.placeholder(str)   # a jaxgeo pretraining run
+  config.init.workdir = ml_collections.config_dict.placeholder(str)  # a jaxgeo pretraining run
   config.init.which = "teacher"
 
   config.model.arch = "small"
@@ -36,7 +37,7 @@ def get_config(arg=None):
     config.model.arch = "tiny"
     config.model.depth = 4
     config.probe.image_size = 64
-    config.probe.epochs = 100    # as dino_ben.py:demo's final probe; 30 left the lr=1 head still improving
+    config.probe.epochs = 100  # as dino_ben.py:demo's final probe; 30 left the lr=1 head still improving
     config.probe.batch_size = 128
     config.probe.feature_batch_size = 64
   elif arg.variant == "smoke":

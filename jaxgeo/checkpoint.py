@@ -4,16 +4,16 @@ Orbax writes each step into a temporary directory and renames it only once compl
 mid-save leaves the previous step as the latest restorable one (the partial one is ignored and cleaned up).
 Restoring reads tensorstore arrays and JSON: nothing is unpickled on the resume path.
 """
+
 import os
 
-from absl import logging
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class Checkpointer:
-
   def __init__(self, workdir, keep=3):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
@@ -24,15 +24,15 @@ class Checkpointer:
 
   def save(self, step, state, iterator):
     """Asynchronous: training goes on while the arrays are written; `wait` before exiting."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(iterator))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator))
     self.manager.save(step, args=args, force=True)
 
   def restore(self, abstract_state, iterator, step=None):
     """Restores into the shardings of `abstract_state` (ShapeDtypeStructs) and moves `iterator` in place."""
     step = self.latest_step() if step is None else step
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=grain.checkpoint.CheckpointRestore(iterator))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator)
+    )
     restored = self.manager.restore(step, args=args)
     logging.info("restored step %d from %s", step, self.directory)
     return restored.state

@@ -3,6 +3,7 @@
 `get_config(arg)` receives the text after the colon of `--config=configs/x.py:arg`, e.g.
 "smoke" or "variant=demo,bands=all". `parse_arg` turns it into a ConfigDict so configs can branch on it.
 """
+
 import ml_collections
 
 
@@ -48,13 +49,13 @@ def base_config(method):
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.root = ml_collections.config_dict.placeholder(str)       # None: bundled synthetic BigEarthNet
-  c.data.metadata = ml_collections.config_dict.placeholder(str)   # gdf-builder or v2 parquet; None: json
+  c.data.root = ml_collections.config_dict.placeholder(str)  # None: bundled synthetic BigEarthNet
+  c.data.metadata = ml_collections.config_dict.placeholder(str)  # gdf-builder or v2 parquet; None: json
   c.data.synthetic_dir = "~/.cache/jaxgeo/synthetic_ben"
   c.data.synthetic_num_patches = 2048
-  c.data.bands = "rgb"             # "rgb" (B04,B03,B02), "all" (12 bands) or "B08,B04,B03"
+  c.data.bands = "rgb"  # "rgb" (B04,B03,B02), "all" (12 bands) or "B08,B04,B03"
   c.data.image_size = 120
-  c.data.on_bad_sample = "error"   # or "skip": logged once, counted, bounded by max_skipped_fraction
+  c.data.on_bad_sample = "error"  # or "skip": logged once, counted, bounded by max_skipped_fraction
   c.data.max_skipped_fraction = 0.01
   c.data.worker_count = 4
   c.data.prefetch = 2
@@ -62,12 +63,12 @@ def base_config(method):
   c.model = ml_collections.ConfigDict()
   c.model.arch = "small"
   c.model.patch_size = 16
-  c.model.depth = -1               # -1: the arch's own
+  c.model.depth = -1  # -1: the arch's own
   c.model.embed_dim = -1
   c.model.num_heads = -1
   c.model.drop_path_rate = 0.0
-  c.model.dtype = "auto"           # bfloat16 on GPU/TPU, float32 on CPU; params always float32
-  c.model.attention = "xla"        # or "cudnn" (jax.nn.dot_product_attention)
+  c.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU; params always float32
+  c.model.attention = "xla"  # or "cudnn" (jax.nn.dot_product_attention)
 
   c.head = ml_collections.ConfigDict()
   c.aug = ml_collections.ConfigDict()
@@ -77,20 +78,20 @@ def base_config(method):
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 256
   c.train.epochs = 100
-  c.train.steps = -1               # -1: epochs x steps per epoch
+  c.train.steps = -1  # -1: epochs x steps per epoch
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
-  c.train.on_nonfinite = "error"   # or "skip": the step's update is dropped and counted
+  c.train.on_nonfinite = "error"  # or "skip": the step's update is dropped and counted
 
   c.init = ml_collections.ConfigDict()
   c.init.checkpoint = ml_collections.config_dict.placeholder(str)  # PyTorch DINO .pth / .safetensors
   c.init.which = "teacher"
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.knn_every = 0             # steps; 0 disables the kNN monitor
-  c.eval.knn_batches = 8           # host batches of train (bank) and validation (queries)
-  c.eval.final_probe = False       # linear probe: pretrained vs random-init features, printed at the end
+  c.eval.knn_every = 0  # steps; 0 disables the kNN monitor
+  c.eval.knn_batches = 8  # host batches of train (bank) and validation (queries)
+  c.eval.final_probe = False  # linear probe: pretrained vs random-init features, printed at the end
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

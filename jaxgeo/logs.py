@@ -1,4 +1,5 @@
 """Logging set-up shared by the command-line entry points."""
+
 import logging
 
 from absl import logging as absl_logging

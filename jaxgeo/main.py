@@ -2,6 +2,7 @@
 
 The config is locked before overrides apply, so a mistyped key fails here, before any compute.
 """
+
 import os
 import sys
 
@@ -10,19 +11,24 @@ from ml_collections import config_flags
 
 from jaxgeo.logs import quiet_library_logs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/dino_ben.py:smoke",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. configs/dino_ben.py:smoke", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics and plots go here")
 
 
 def trainers():
   """config.method -> function(config, workdir). Imported lazily so each method only loads its own code."""
+
   def dino(config, workdir):
-    from jaxgeo.train import dino as dino_method, loop
+    from jaxgeo.train import dino as dino_method
+    from jaxgeo.train import loop
+
     return loop.run(config, workdir, dino_method.make_task)
 
   def linear(config, workdir):
     from jaxgeo.evaluate import linear as linear_probe
+
     return linear_probe.run_linear_probe(config, workdir)
 
   return {"dino": dino, "linear": linear}

@@ -5,13 +5,15 @@ by rules, a list of (regex over the "/"-joined param path, spec) pairs where the
 "replicate", "fsdp" (shard the largest dimension that divides evenly over the "fsdp" axis) or a tuple of mesh
 axis names / None per dimension. With fsdp=1 every rule degenerates to plain data parallelism.
 """
+
 import os
 import re
 
-from absl import logging
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -28,8 +30,10 @@ def make_mesh(mesh_config, devices=None):
   if fsdp == -1:
     fsdp = n // data
   if data * fsdp != n:
-    raise ValueError(f"config.mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} does not cover the "
-                     f"{n} devices; choose sizes whose product is {n}")
+    raise ValueError(
+      f"config.mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} does not cover the "
+      f"{n} devices; choose sizes whose product is {n}"
+    )
   # Auto axes: shardings come from jit's in/out_shardings (GSPMD), not from explicit-sharding types.
   auto = (jax.sharding.AxisType.Auto,) * 2
   return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=auto, devices=devices)
@@ -73,8 +77,7 @@ def _spec_for(spec, shape, mesh, name):
     return P()  # too small to split (biases, scalars): replication costs nothing worth saving
   spec = tuple(spec)
   if len(spec) != len(shape):
-    raise ValueError(f"sharding rule spec {spec} for {name} has {len(spec)} entries; the array has "
-                     f"shape {shape}")
+    raise ValueError(f"sharding rule spec {spec} for {name} has {len(spec)} entries; the array has shape {shape}")
   return P(*spec)
 
 
@@ -99,9 +102,15 @@ def _leaf_layout(tree, shardings):
   for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings)):
     itemsize = np.dtype(leaf.dtype).itemsize
     shape = tuple(leaf.shape)
-    rows.append((path_str(path), shape, int(np.prod(shape)) * itemsize,
-                 int(np.prod(sharding.shard_shape(shape))) * itemsize,
-                 all(axis is None for axis in sharding.spec)))
+    rows.append(
+      (
+        path_str(path),
+        shape,
+        int(np.prod(shape)) * itemsize,
+        int(np.prod(sharding.shard_shape(shape))) * itemsize,
+        all(axis is None for axis in sharding.spec),
+      )
+    )
   return rows
 
 
@@ -119,9 +128,11 @@ def sharding_summary(tree, shardings, top=5):
   rows = _leaf_layout(tree, shardings)
   total = sum(r[2] for r in rows)
   replicated = sorted(((r[2], r[0], r[1]) for r in rows if r[4]), reverse=True)
-  lines = [f"state: {total / 2**20:.1f} MiB in {len(rows)} arrays, "
-           f"{sum(r[3] for r in rows) / 2**20:.1f} MiB per device; {len(rows) - len(replicated)} sharded, "
-           f"{len(replicated)} replicated ({replicated_fraction(tree, shardings):.2%} of the bytes)"]
+  lines = [
+    f"state: {total / 2**20:.1f} MiB in {len(rows)} arrays, "
+    f"{sum(r[3] for r in rows) / 2**20:.1f} MiB per device; {len(rows) - len(replicated)} sharded, "
+    f"{len(replicated)} replicated ({replicated_fraction(tree, shardings):.2%} of the bytes)"
+  ]
   for nbytes, name, shape in replicated[:top]:
     if nbytes:
       lines.append(f"  replicated: {name} {shape} {nbytes / 2**10:.1f} KiB")
@@ -133,10 +144,12 @@ def host_to_global(batch, mesh):
 
   Each process passes only the rows it loaded; jax stitches the global array without any copy across hosts.
   """
+
   def one(local):
     local = np.asarray(local)
     sharding = batch_sharding(mesh, local.ndim)
     return jax.make_array_from_process_local_data(sharding, local)
+
   return jax.tree.map(one, batch)
 
 
@@ -156,16 +169,23 @@ def initialize_distributed(dist_config):
     jax.config.update("jax_cpu_collectives_implementation", dist_config.cpu_collectives)
   kwargs = {}
   if explicit:
-    kwargs = dict(coordinator_address=explicit,
-                  num_processes=_explicit_int(dist_config.num_processes, 1, "num_processes", "JAX_NUM_PROCESSES"),
-                  process_id=_explicit_int(dist_config.process_id, 0, "process_id", "JAX_PROCESS_ID"))
+    kwargs = dict(
+      coordinator_address=explicit,
+      num_processes=_explicit_int(dist_config.num_processes, 1, "num_processes", "JAX_NUM_PROCESSES"),
+      process_id=_explicit_int(dist_config.process_id, 0, "process_id", "JAX_PROCESS_ID"),
+    )
   jax.distributed.initialize(**kwargs)
   if jax.process_index() != 0:
     # Every process runs the same loop and would print the same lines; process 0 speaks for all of them.
     # Warnings and errors still come from every process (a failing host must say so itself).
     logging.set_verbosity(logging.WARNING)
-  logging.warning("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-                  jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.warning(
+    "jax.distributed: process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 
@@ -174,7 +194,9 @@ def _explicit_int(configured, minimum, field, env):
   if configured >= minimum:
     return int(configured)
   if env not in os.environ:
-    raise ValueError(f"a coordinator address is set (config.distributed.coordinator_address or "
-                     f"JAX_COORDINATOR_ADDRESS) but neither config.distributed.{field} nor {env} is; set both "
-                     "on every process (launch/local_processes.sh and launch/k8s-indexed-job.yaml show how)")
+    raise ValueError(
+      f"a coordinator address is set (config.distributed.coordinator_address or "
+      f"JAX_COORDINATOR_ADDRESS) but neither config.distributed.{field} nor {env} is; set both "
+      "on every process (launch/local_processes.sh and launch/k8s-indexed-job.yaml show how)"
+    )
   return int(os.environ[env])

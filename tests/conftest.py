@@ -2,11 +2,11 @@
 
 These variables must be set before jax is first imported, which is why they live at the top of conftest.
 """
+
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Compiled steps are reused across the subprocesses some tests start (same program, same shapes).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join("/tmp", f"jaxgeo-test-xla-cache-{os.getuid()}"))
@@ -54,5 +54,3 @@ def losses_by_step(workdir):
     if "loss" in row:
       rows[row["step"]] = row
   return rows
-
-

@@ -1,4 +1,5 @@
 """Packed store (pack command, PackedSource, build_source) and the benchmarks' smoke modes."""
+
 import json
 import os
 import shutil
@@ -82,16 +83,23 @@ def test_pack_names_the_bad_file_and_leaves_no_store(tree, tmp_path):
 
 def _run(script, *args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), "--smoke", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, os.path.join(REPO, "benchmarks", script), "--smoke", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result.stdout
 
 
 def test_dino_step_smoke_writes_json(tmp_path):
   out = tmp_path / "dino_step.json"
-  stdout = _run("dino_step.py", f"--out={out}", "--variants=jaxgeo_xla,torch_eager,torch_compiled",
-                "--warmup=1", "--steps=2")
+  stdout = _run(
+    "dino_step.py", f"--out={out}", "--variants=jaxgeo_xla,torch_eager,torch_compiled", "--warmup=1", "--steps=2"
+  )
   assert "flops_per_step = " in stdout and "NO GPU" in stdout
   result = json.loads(out.read_text())
   for key in ("machine", "gpu_available", "note", "flops_formula", "results", "ratios", "model"):

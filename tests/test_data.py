@@ -1,4 +1,5 @@
 """Data: synthetic BigEarthNet-S2 files, the source, metadata forms, bad input, the grain pipeline."""
+
 import json
 import logging
 import os
@@ -13,12 +14,23 @@ import pytest
 import rasterio
 from affine import Affine
 
-from jaxgeo.data import (ALL_BANDS, CLASSES_19, BadSampleError, BigEarthNetSource, build_source,
-                         make_iter_dataset, normalization_stats, resize_bilinear, steps_per_epoch,
-                         write_geotiff, write_synthetic_bigearthnet)
+from jaxgeo.data import (
+  ALL_BANDS,
+  CLASSES_19,
+  BadSampleError,
+  BigEarthNetSource,
+  build_source,
+  make_iter_dataset,
+  normalization_stats,
+  resize_bilinear,
+  steps_per_epoch,
+  synthetic,
+  write_geotiff,
+  write_synthetic_bigearthnet,
+)
 from jaxgeo.data import bigearthnet as ben
-from jaxgeo.data import synthetic
-from jaxgeo.data.check import check_dataset, main as check_main
+from jaxgeo.data.check import check_dataset
+from jaxgeo.data.check import main as check_main
 
 NUM_PATCHES = 24
 
@@ -75,8 +87,9 @@ def test_class_signatures_differ():
   rng = np.random.default_rng(0)
   image, class_map, names = synthetic.render_patch(rng, ["water", "coniferous", "urban"])
   nir, red = image[..., ALL_BANDS.index("B08")], image[..., ALL_BANDS.index("B04")]
-  water, forest, urban = (class_map == names.index(n) for n in ("Water bodies", "Coniferous forest",
-                                                                 "Discontinuous urban fabric"))
+  water, forest, urban = (
+    class_map == names.index(n) for n in ("Water bodies", "Coniferous forest", "Discontinuous urban fabric")
+  )
   assert water.mean() > 0.08 and forest.mean() > 0.08 and urban.mean() > 0.08
   assert nir[water].mean() < 0.3 * nir[forest].mean()
   ndvi = (nir - red) / (nir + red)
@@ -94,8 +107,9 @@ def test_labels_on_disk_follow_pixels(dataset):
     for i in range(len(source)):
       sample = source[i]
       nir.append(np.percentile(sample["image"], 10))  # water shows as the darkest NIR pixels
-      has_water.append(sample["labels"][CLASSES_19.index("Inland waters")] +
-                       sample["labels"][CLASSES_19.index("Marine waters")] > 0)
+      has_water.append(
+        sample["labels"][CLASSES_19.index("Inland waters")] + sample["labels"][CLASSES_19.index("Marine waters")] > 0
+      )
   nir, has_water = np.array(nir), np.array(has_water)
   assert 0 < has_water.sum() < len(nir)
   # Rank-based, as haze and illumination vary per patch: a patch with water has darker NIR pixels than a dry one.
@@ -141,9 +155,17 @@ def test_three_metadata_forms_load_the_same_split(dataset, tmp_path):
   root, gdf_parquet = dataset
   table = pq.read_table(gdf_parquet).to_pydict()
   v2_parquet = str(tmp_path / "metadata.parquet")
-  pq.write_table(pa.table({"patch_id": table["name"], "labels": table["new_labels"],
-                           "split": table["original_split"], "country": ["Austria"] * len(table["name"])}),
-                 v2_parquet)
+  pq.write_table(
+    pa.table(
+      {
+        "patch_id": table["name"],
+        "labels": table["new_labels"],
+        "split": table["original_split"],
+        "country": ["Austria"] * len(table["name"]),
+      }
+    ),
+    v2_parquet,
+  )
   for split in ben.SPLITS:
     sources = [BigEarthNetSource(root, m, split=split) for m in (gdf_parquet, v2_parquet, None)]
     by_name = [{s.names[i]: s[i]["labels"] for i in range(len(s))} for s in sources]
@@ -155,13 +177,22 @@ def test_three_metadata_forms_load_the_same_split(dataset, tmp_path):
 
 def test_build_source_without_root_uses_cached_synthetic_data(synthetic_dir, dataset, caplog, monkeypatch):
   import jaxgeo.data
+
   monkeypatch.setattr(jaxgeo.data, "_ANNOUNCED", set())  # the notice is once per process and root
-  config = {"root": None, "metadata": None, "synthetic_dir": str(synthetic_dir),
-            "synthetic_num_patches": NUM_PATCHES, "bands": "rgb", "image_size": 120}
+  config = {
+    "root": None,
+    "metadata": None,
+    "synthetic_dir": str(synthetic_dir),
+    "synthetic_num_patches": NUM_PATCHES,
+    "bands": "rgb",
+    "image_size": 120,
+  }
   with caplog.at_level(logging.WARNING):
     source = build_source(config, "validation")
   assert source.root == dataset[0] and source.metadata == dataset[1]
-  assert "SYNTHETIC" in caplog.text and "--config.data.root=" in caplog.text and "--config.data.metadata=" in caplog.text
+  assert (
+    "SYNTHETIC" in caplog.text and "--config.data.root=" in caplog.text and "--config.data.metadata=" in caplog.text
+  )
 
 
 # ---------------------------------------------------------------- bad input
@@ -174,7 +205,7 @@ def _truncate(path):
   with open(path, "rb") as f:
     data = f.read()
   with open(path, "wb") as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
 
 
 def _rewrite(path, array, **kwargs):
@@ -183,13 +214,13 @@ def _rewrite(path, array, **kwargs):
 
 
 BAD_BAND_CASES = {
-    "truncated": ("B04", _truncate, "truncated or corrupt"),
-    "missing": ("B11", os.remove, "missing band file"),
-    "wrong_size": ("B05", lambda p: _rewrite(p, np.ones((120, 120), np.uint16)), "wrong size 120x120, expected 60x60"),
-    "nan_float": ("B02", lambda p: _rewrite(p, np.full((120, 120), np.nan, np.float32)), "NaN pixels"),
-    "float_dtype": ("B03", lambda p: _rewrite(p, np.ones((120, 120), np.float32)), "wrong dtype float32"),
-    "nodata": ("B08", lambda p: _rewrite(p, np.full((120, 120), 9, np.uint16), nodata=9), "nodata pixels"),
-    "zero_is_s2_nodata": ("B01", lambda p: _rewrite(p, np.zeros((20, 20), np.uint16)), "400 nodata pixels"),
+  "truncated": ("B04", _truncate, "truncated or corrupt"),
+  "missing": ("B11", os.remove, "missing band file"),
+  "wrong_size": ("B05", lambda p: _rewrite(p, np.ones((120, 120), np.uint16)), "wrong size 120x120, expected 60x60"),
+  "nan_float": ("B02", lambda p: _rewrite(p, np.full((120, 120), np.nan, np.float32)), "NaN pixels"),
+  "float_dtype": ("B03", lambda p: _rewrite(p, np.ones((120, 120), np.float32)), "wrong dtype float32"),
+  "nodata": ("B08", lambda p: _rewrite(p, np.full((120, 120), 9, np.uint16), nodata=9), "nodata pixels"),
+  "zero_is_s2_nodata": ("B01", lambda p: _rewrite(p, np.zeros((20, 20), np.uint16)), "400 nodata pixels"),
 }
 
 
@@ -218,8 +249,11 @@ def test_v2_layout_with_tile_folders(dataset_copy):
 
 def test_bad_sample_error_survives_pickling():
   error = pickle.loads(pickle.dumps(BadSampleError("/x/p_B04.tif", "missing band file")))
-  assert (error.path, error.problem, str(error)) == ("/x/p_B04.tif", "missing band file",
-                                                     "/x/p_B04.tif: missing band file")
+  assert (error.path, error.problem, str(error)) == (
+    "/x/p_B04.tif",
+    "missing band file",
+    "/x/p_B04.tif: missing band file",
+  )
 
 
 def test_metadata_naming_missing_patch(dataset_copy):
@@ -272,8 +306,11 @@ def test_empty_split(dataset_copy):
 def test_check_dataset_finds_every_injected_problem(dataset_copy, capsys):
   root, metadata = dataset_copy
   sources = {split: BigEarthNetSource(root, metadata, split=split) for split in ben.SPLITS}
-  broken = [_band_path(root, sources["train"].names[0], "B04"), _band_path(root, sources["train"].names[0], "B12"),
-            _band_path(root, sources["test"].names[0], "B8A")]
+  broken = [
+    _band_path(root, sources["train"].names[0], "B04"),
+    _band_path(root, sources["train"].names[0], "B12"),
+    _band_path(root, sources["test"].names[0], "B8A"),
+  ]
   _truncate(broken[0])
   os.remove(broken[1])
   _rewrite(broken[2], np.ones((7, 7), np.uint16))
@@ -308,8 +345,11 @@ class _FakeSource:
   def __getitem__(self, index):
     if index in self.bad:
       raise BadSampleError(f"/fake/{index}_B04.tif", "truncated or corrupt")
-    return {"image": np.full((2, 2, 1), index, np.float32), "labels": np.zeros(19, np.float32),
-            "index": np.int32(index)}
+    return {
+      "image": np.full((2, 2, 1), index, np.float32),
+      "labels": np.zeros(19, np.float32),
+      "index": np.int32(index),
+    }
 
 
 def _take(dataset, n):
@@ -319,11 +359,24 @@ def _take(dataset, n):
 
 def test_per_process_shards_are_disjoint_and_cover_the_global_batch():
   source, batch, processes = _FakeSource(50), 3, 4
-  global_batches = _take(make_iter_dataset(source, batch_size_per_process=batch * processes, seed=7,
-                                           num_epochs=None, read_threads=0), 6)
-  shards = [_take(make_iter_dataset(source, batch_size_per_process=batch, seed=7, num_epochs=None,
-                                    process_index=p, process_count=processes, read_threads=0), 6)
-            for p in range(processes)]
+  global_batches = _take(
+    make_iter_dataset(source, batch_size_per_process=batch * processes, seed=7, num_epochs=None, read_threads=0), 6
+  )
+  shards = [
+    _take(
+      make_iter_dataset(
+        source,
+        batch_size_per_process=batch,
+        seed=7,
+        num_epochs=None,
+        process_index=p,
+        process_count=processes,
+        read_threads=0,
+      ),
+      6,
+    )
+    for p in range(processes)
+  ]
   for step in range(6):
     parts = [shards[p][step]["index"] for p in range(processes)]
     assert all(len(part) == batch for part in parts)
@@ -336,8 +389,7 @@ def test_per_process_shards_are_disjoint_and_cover_the_global_batch():
 
 
 def test_epochs_are_permutations_and_reshuffled():
-  batches = _take(make_iter_dataset(_FakeSource(20), batch_size_per_process=5, seed=1, num_epochs=2,
-                                    read_threads=0), 8)
+  batches = _take(make_iter_dataset(_FakeSource(20), batch_size_per_process=5, seed=1, num_epochs=2, read_threads=0), 8)
   order = np.concatenate([b["index"] for b in batches])
   assert sorted(order[:20]) == sorted(order[20:]) == list(range(20))
   assert not np.array_equal(order[:20], order[20:])
@@ -371,8 +423,9 @@ def test_iterator_state_resumes_exactly(dataset, tmp_path):
 
 def test_skip_mode_counts_and_logs_each_bad_sample_once(caplog):
   source = _FakeSource(12, bad={2, 7, 8})
-  dataset = make_iter_dataset(source, batch_size_per_process=3, seed=0, num_epochs=2, on_bad_sample="skip",
-                              drop_remainder=False, read_threads=0)
+  dataset = make_iter_dataset(
+    source, batch_size_per_process=3, seed=0, num_epochs=2, on_bad_sample="skip", drop_remainder=False, read_threads=0
+  )
   with caplog.at_level(logging.WARNING, logger="jaxgeo.data.pipeline"):
     batches = list(dataset)
   indices = np.concatenate([b["index"] for b in batches])
@@ -389,8 +442,11 @@ def test_skip_mode_on_real_files(dataset_copy):
   source = BigEarthNetSource(root, metadata, split="train")
   _truncate(_band_path(root, source.names[1], "B03"))
   os.remove(_band_path(root, source.names[4], "B02"))
-  batches = list(make_iter_dataset(source, batch_size_per_process=4, seed=0, num_epochs=1, on_bad_sample="skip",
-                                   drop_remainder=False))
+  batches = list(
+    make_iter_dataset(
+      source, batch_size_per_process=4, seed=0, num_epochs=1, on_bad_sample="skip", drop_remainder=False
+    )
+  )
   indices = np.concatenate([b["index"] for b in batches]).tolist()
   assert sum(int(b["num_skipped"].sum()) for b in batches) == 2
   assert sorted(indices) == [i for i in range(len(source)) if i not in (1, 4)]

@@ -11,6 +11,7 @@ and the student, teacher, centre and AdamW moments afterwards.
 The PyTorch side is written from the reference's text (train_one_epoch, DINOLoss, utils.get_params_groups,
 clip_gradients, cancel_gradients_last_layer, cosine_scheduler), not from jaxgeo's code.
 """
+
 import os
 import sys
 
@@ -41,19 +42,30 @@ CLIP = 0.5  # some tensors' gradients are above it and some below on every step 
 
 def parity_config():
   config = dino_ben.get_config("smoke")
-  config.model.update(depth=DEPTH, embed_dim=DIM, num_heads=HEADS, patch_size=PATCH, drop_path_rate=0.0,
-                      dtype="float32", attention="xla")
+  config.model.update(
+    depth=DEPTH, embed_dim=DIM, num_heads=HEADS, patch_size=PATCH, drop_path_rate=0.0, dtype="float32", attention="xla"
+  )
   config.head.update(out_dim=OUT_DIM, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK, norm_last_layer=True)
   config.aug.update(global_size=GLOBAL_SIZE, local_size=LOCAL_SIZE, local_crops_number=N_LOCAL)
-  config.loss.update(student_temp=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2,
-                     center_momentum=0.9)
-  config.optim.update(base_lr=PEAK_LR * 256 / BATCH, min_lr=1e-5, warmup_epochs=1, weight_decay=0.04,
-                      weight_decay_end=0.4, clip_grad=CLIP, freeze_last_layer_epochs=1, momentum_teacher=0.9)
+  config.loss.update(
+    student_temp=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2, center_momentum=0.9
+  )
+  config.optim.update(
+    base_lr=PEAK_LR * 256 / BATCH,
+    min_lr=1e-5,
+    warmup_epochs=1,
+    weight_decay=0.04,
+    weight_decay_end=0.4,
+    clip_grad=CLIP,
+    freeze_last_layer_epochs=1,
+    momentum_teacher=0.9,
+  )
   config.train.update(global_batch_size=BATCH, epochs=EPOCHS)
   return config
 
 
 # ---- the reference, in PyTorch ------------------------------------------------------------------------------
+
 
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
   warmup_iters = warmup_epochs * niter_per_ep
@@ -85,9 +97,12 @@ class ReferenceDinoLoss:
     loss = config.loss
     self.student_temp, self.center_momentum, self.ncrops = loss.student_temp, loss.center_momentum, ncrops
     self.center = torch.zeros(1, OUT_DIM)
-    self.teacher_temp_schedule = np.concatenate((
+    self.teacher_temp_schedule = np.concatenate(
+      (
         np.linspace(loss.warmup_teacher_temp, loss.teacher_temp, loss.warmup_teacher_temp_epochs),
-        np.ones(nepochs - loss.warmup_teacher_temp_epochs) * loss.teacher_temp))
+        np.ones(nepochs - loss.warmup_teacher_temp_epochs) * loss.teacher_temp,
+      )
+    )
 
   def __call__(self, student_output, teacher_output, epoch):
     student_out = (student_output / self.student_temp).chunk(self.ncrops)
@@ -143,10 +158,10 @@ def build_torch_models(seed=0):
   torch.manual_seed(seed)
 
   def one():
-    backbone = torch_reference.VisionTransformer(patch_size=PATCH, dim=DIM, depth=DEPTH, num_heads=HEADS,
-                                                 in_chans=CHANNELS, img_size=GLOBAL_SIZE)
-    head = torch_reference.DINOHead(DIM, OUT_DIM, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK,
-                                    norm_last_layer=True)
+    backbone = torch_reference.VisionTransformer(
+      patch_size=PATCH, dim=DIM, depth=DEPTH, num_heads=HEADS, in_chans=CHANNELS, img_size=GLOBAL_SIZE
+    )
+    head = torch_reference.DINOHead(DIM, OUT_DIM, hidden_dim=HIDDEN, bottleneck_dim=BOTTLENECK, norm_last_layer=True)
     return MultiCropWrapper(backbone, head)
 
   student, teacher = one(), one()
@@ -162,8 +177,13 @@ def run_reference(config, student, teacher, crops_per_step):
   ncrops = 2 + N_LOCAL
   dino_loss = ReferenceDinoLoss(config, ncrops, EPOCHS)
   optimizer = torch.optim.AdamW(get_params_groups(student))
-  lr_schedule = cosine_scheduler(optim_config.base_lr * BATCH / 256.0, optim_config.min_lr, EPOCHS,
-                                 STEPS_PER_EPOCH, warmup_epochs=optim_config.warmup_epochs)
+  lr_schedule = cosine_scheduler(
+    optim_config.base_lr * BATCH / 256.0,
+    optim_config.min_lr,
+    EPOCHS,
+    STEPS_PER_EPOCH,
+    warmup_epochs=optim_config.warmup_epochs,
+  )
   wd_schedule = cosine_scheduler(optim_config.weight_decay, optim_config.weight_decay_end, EPOCHS, STEPS_PER_EPOCH)
   momentum_schedule = cosine_scheduler(optim_config.momentum_teacher, 1, EPOCHS, STEPS_PER_EPOCH)
   log = []
@@ -185,13 +205,21 @@ def run_reference(config, student, teacher, crops_per_step):
       m = momentum_schedule[it]
       for param_q, param_k in zip(student.parameters(), teacher.parameters()):
         param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
-    log.append(dict(loss=loss.item(), lr=lr_schedule[it], weight_decay=wd_schedule[it],
-                    teacher_momentum=momentum_schedule[it],
-                    teacher_temp=dino_loss.teacher_temp_schedule[epoch], grad_norms=norms))
+    log.append(
+      dict(
+        loss=loss.item(),
+        lr=lr_schedule[it],
+        weight_decay=wd_schedule[it],
+        teacher_momentum=momentum_schedule[it],
+        teacher_temp=dino_loss.teacher_temp_schedule[epoch],
+        grad_norms=norms,
+      )
+    )
   return log, dino_loss.center.numpy(), optimizer
 
 
 # ---- jaxgeo -----------------------------------------------------------------------------------------------
+
 
 def to_flax_params(torch_model_or_state):
   """Flax {"backbone", "head"} params from a torch MultiCropWrapper (or a dict under its names), via the bridge."""
@@ -204,8 +232,15 @@ def run_jaxgeo(config, torch_student, crops_per_step, monkeypatch):
   # The step's multi-crop is replaced by "the batch already is the crops": (global [2,B,H,W,C], local [..]).
   monkeypatch.setattr(augment, "multicrop", lambda rng, images, aug, mean, std: images)
   mesh = parallel.make_mesh(config.mesh, devices=jax.devices()[:1])
-  task = dino.make_task(config, steps_per_epoch=STEPS_PER_EPOCH, total_steps=EPOCHS * STEPS_PER_EPOCH,
-                        in_chans=CHANNELS, mean=np.zeros(CHANNELS), std=np.ones(CHANNELS), mesh=mesh)
+  task = dino.make_task(
+    config,
+    steps_per_epoch=STEPS_PER_EPOCH,
+    total_steps=EPOCHS * STEPS_PER_EPOCH,
+    in_chans=CHANNELS,
+    mean=np.zeros(CHANNELS),
+    std=np.ones(CHANNELS),
+    mesh=mesh,
+  )
   state = task.init(jax.random.PRNGKey(0))
   params = to_flax_params(torch_student)
   assert jax.tree.structure(params) == jax.tree.structure(state["params"])
@@ -246,14 +281,25 @@ def both_runs():
     ref_log, ref_center, optimizer = run_reference(config, student, teacher, crops)
   finally:
     monkeypatch.undo()
-  return dict(config=config, initial=initial, jax_log=jax_log, jax_states=jax_states, ref_log=ref_log,
-              ref_center=ref_center, student=student, teacher=teacher, optimizer=optimizer)
+  return dict(
+    config=config,
+    initial=initial,
+    jax_log=jax_log,
+    jax_states=jax_states,
+    ref_log=ref_log,
+    ref_center=ref_center,
+    student=student,
+    teacher=teacher,
+    optimizer=optimizer,
+  )
 
 
 def max_abs_diff(tree_a, tree_b):
   assert jax.tree.structure(tree_a) == jax.tree.structure(tree_b)
-  return {parallel.path_str(path): float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-          for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree_a), jax.tree.leaves(tree_b))}
+  return {
+    parallel.path_str(path): float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree_a), jax.tree.leaves(tree_b))
+  }
 
 
 def split_key_bias(params):
@@ -266,8 +312,8 @@ def split_key_bias(params):
   for name, block in params["backbone"].items():
     if name.startswith("blocks_"):
       bias = block["attn"]["qkv"]["bias"]
-      key_biases[name] = bias[DIM:2 * DIM].copy()
-      bias[DIM:2 * DIM] = 0.0
+      key_biases[name] = bias[DIM : 2 * DIM].copy()
+      bias[DIM : 2 * DIM] = 0.0
   return params, key_biases
 
 
@@ -279,8 +325,10 @@ def reference_adam_moments(student, optimizer, which):
 
 def jaxgeo_adam(opt_state, field):
   """One tree of `field` (mu / nu) over all params, each leaf from the group that owns it."""
+
   def pick(main, frozen):
     return frozen if isinstance(main, optax.MaskedNode) else main
+
   main, frozen = (getattr(opt_state[g].inner_state, field) for g in ("main", "frozen"))
   return jax.tree.map(pick, main, frozen, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
@@ -315,8 +363,10 @@ def test_student_teacher_and_center_match_reference(both_runs):
   ref_teacher = to_flax_params(both_runs["teacher"])
   moved = max_abs_diff(ref_student, both_runs["initial"])
   assert min(moved.values()) > 1e-4, moved  # every tensor, the last layer included, was updated
-  for name, (got, want) in {"student": (state["params"], ref_student),
-                            "teacher": (state["teacher"], ref_teacher)}.items():
+  for name, (got, want) in {
+    "student": (state["params"], ref_student),
+    "teacher": (state["teacher"], ref_teacher),
+  }.items():
     (got, got_key_bias), (want, want_key_bias) = split_key_bias(got), split_key_bias(want)
     diffs = max_abs_diff(got, want)
     worst = max(diffs, key=diffs.get)
@@ -348,7 +398,6 @@ def test_adam_moments_and_counts_match_reference(both_runs):
 def test_last_layer_untouched_while_frozen(both_runs):
   """After the frozen epoch the last layer and its AdamW state are exactly as they were (no decay, count 0)."""
   state = both_runs["jax_states"][STEPS_PER_EPOCH - 1]
-  np.testing.assert_array_equal(state["params"]["head"]["last_layer_v"],
-                                both_runs["initial"]["head"]["last_layer_v"])
+  np.testing.assert_array_equal(state["params"]["head"]["last_layer_v"], both_runs["initial"]["head"]["last_layer_v"])
   for leaf in jax.tree.leaves(state["opt_state"]["frozen"]):
     assert not np.any(np.asarray(leaf)), "frozen group's Adam state moved while frozen"

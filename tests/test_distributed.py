@@ -6,6 +6,7 @@ Runs, one per configuration and shared by the tests below (all 4 DINO smoke step
   replicated_run    this process, 8 devices, mesh data=8 fsdp=1
   fsdp_run          this process, 8 devices, mesh data=2 fsdp=4 (kNN off), the live state's shardings recorded
 """
+
 import json
 import os
 import re
@@ -27,7 +28,7 @@ if os.path.join(REPO, "configs") not in sys.path:
   sys.path.insert(0, os.path.join(REPO, "configs"))
 import dino_ben  # noqa: E402
 
-STEPS = 4        # one smoke epoch: the schedules' warm-up fits, and checkpoints land at steps 2 and 4
+STEPS = 4  # one smoke epoch: the schedules' warm-up fits, and checkpoints land at steps 2 and 4
 KNN_EVERY = 2
 PROCESSES = 2
 
@@ -62,8 +63,11 @@ def dist_synthetic_dir(tmp_path_factory):
 
 
 def _subprocess_env(devices_per_process):
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_"))}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_"))
+  }
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
   env["JAX_PLATFORMS"] = "cpu"
@@ -72,12 +76,25 @@ def _subprocess_env(devices_per_process):
 
 def _launch(workdir, synthetic_dir, log_path, timeout=420):
   """launch/local_processes.sh with 2 processes; the whole process group dies if it overruns."""
-  command = ["bash", os.path.join(REPO, "launch", "local_processes.sh"), str(PROCESSES),
-             "configs/dino_ben.py:smoke", str(workdir), f"--config.data.synthetic_dir={synthetic_dir}",
-             f"--config.train.steps={STEPS}", f"--config.eval.knn_every={KNN_EVERY}"]
+  command = [
+    "bash",
+    os.path.join(REPO, "launch", "local_processes.sh"),
+    str(PROCESSES),
+    "configs/dino_ben.py:smoke",
+    str(workdir),
+    f"--config.data.synthetic_dir={synthetic_dir}",
+    f"--config.train.steps={STEPS}",
+    f"--config.eval.knn_every={KNN_EVERY}",
+  ]
   with open(log_path, "w") as log:
-    proc = subprocess.Popen(command, cwd=REPO, env=_subprocess_env(8 // PROCESSES), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+      command,
+      cwd=REPO,
+      env=_subprocess_env(8 // PROCESSES),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
     try:
       returncode = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -115,8 +132,10 @@ def fsdp_run(dist_synthetic_dir, tmp_path_factory):
   original_save = checkpoint.Checkpointer.save
 
   def recording_save(self, step, state, iterator):
-    live[step] = {parallel.path_str(path): (leaf.shape, leaf.sharding, leaf.addressable_shards[0].data.shape)
-                  for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+    live[step] = {
+      parallel.path_str(path): (leaf.shape, leaf.sharding, leaf.addressable_shards[0].data.shape)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+    }
     return original_save(self, step, state, iterator)
 
   with pytest.MonkeyPatch.context() as patch:
@@ -129,8 +148,7 @@ def _restore_state(workdir, target):
   """The saved train state restored into `target`'s shardings (the loop's resume path, without the data)."""
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
   try:
-    restored = manager.restore(manager.latest_step(),
-                               args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   finally:
     manager.close()
   return restored.state
@@ -139,22 +157,40 @@ def _restore_state(workdir, target):
 def _abstract_state(config, mesh):
   source = data.build_source(config.data, "train")
   mean, std = data.normalization_stats(config.data.bands)
-  task = dino.make_task(config, steps_per_epoch=len(source) // config.train.global_batch_size,
-                        total_steps=STEPS, in_chans=len(source.bands), mean=mean, std=std, mesh=mesh)
+  task = dino.make_task(
+    config,
+    steps_per_epoch=len(source) // config.train.global_batch_size,
+    total_steps=STEPS,
+    in_chans=len(source.bands),
+    mean=mean,
+    std=std,
+    mesh=mesh,
+  )
   abstract = jax.eval_shape(task.init, jax.random.PRNGKey(config.seed))
   return task, abstract, parallel.tree_shardings(abstract, config.sharding_rules, mesh)
 
 
 # ---- input: the global batch of P processes is, row for row, the one of a single process.
 
+
 @pytest.mark.parametrize("drop_remainder", [True, False])
 def test_process_blocks_rebuild_the_single_process_batches(drop_remainder):
   source = [{"index": np.int32(i)} for i in range(23)]
 
   def batches(process_index, process_count, rows):
-    return [b["index"] for b in pipeline.make_iter_dataset(
-        source, batch_size_per_process=rows, seed=3, num_epochs=2, process_index=process_index,
-        process_count=process_count, drop_remainder=drop_remainder, read_threads=0)]
+    return [
+      b["index"]
+      for b in pipeline.make_iter_dataset(
+        source,
+        batch_size_per_process=rows,
+        seed=3,
+        num_epochs=2,
+        process_index=process_index,
+        process_count=process_count,
+        drop_remainder=drop_remainder,
+        read_threads=0,
+      )
+    ]
 
   single = batches(0, 1, 6)
   for processes in (2, 3):
@@ -167,6 +203,7 @@ def test_process_blocks_rebuild_the_single_process_batches(drop_remainder):
 
 
 # ---- 2 processes (jax.distributed, gloo) == 1 process over the same global batch
+
 
 def test_two_processes_train_like_one(two_process_run, replicated_run):
   workdir, output = two_process_run
@@ -210,12 +247,14 @@ def test_two_process_checkpoint_restores(two_process_run, replicated_run, dist_s
   kernel = restored["params"]["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"]
   assert kernel.sharding == shardings["params"]["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"]
   reference = checkpoint.load_state(replicated_run)
-  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(restored)),
-                               jax.tree.leaves(reference)):
+  for (path, got), want in zip(
+    jax.tree_util.tree_leaves_with_path(jax.device_get(restored)), jax.tree.leaves(reference)
+  ):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=parallel.path_str(path))
 
 
 # ---- FSDP (data=2, fsdp=4) == replicated (data=8, fsdp=1), and FSDP really splits the live state
+
 
 def test_fsdp_trains_like_replicated(fsdp_run, replicated_run):
   fsdp, single = losses(fsdp_run[0]), losses(replicated_run)
@@ -247,14 +286,16 @@ def test_fsdp_shards_the_live_state(fsdp_run):
 
 # ---- ViT-B under FSDP on 8 fake devices: what a large model's state looks like
 
+
 def test_vit_b_state_is_created_sharded():
   config = dino_ben.get_config("smoke")
   config.model.arch = "base"
-  config.model.depth = config.model.embed_dim = config.model.num_heads = -1   # the arch's own 12 x 768
+  config.model.depth = config.model.embed_dim = config.model.num_heads = -1  # the arch's own 12 x 768
   config.mesh.data, config.mesh.fsdp = 2, 4
   mesh = parallel.make_mesh(config.mesh)
-  task = dino.make_task(config, steps_per_epoch=4, total_steps=4, in_chans=3, mean=np.zeros(3),
-                        std=np.ones(3), mesh=mesh)
+  task = dino.make_task(
+    config, steps_per_epoch=4, total_steps=4, in_chans=3, mean=np.zeros(3), std=np.ones(3), mesh=mesh
+  )
   abstract = jax.eval_shape(task.init, jax.random.PRNGKey(0))
   shardings = parallel.tree_shardings(abstract, config.sharding_rules, mesh)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
@@ -277,8 +318,9 @@ def test_vit_b_state_is_created_sharded():
       assert shard.size * 4 == leaf.size, (name, leaf.shape, shard.shape)
   # Memory per device: a quarter of the state (fsdp=4), held twice over by the data axis.
   total = sum(x.nbytes for x in jax.tree.leaves(state))
-  on_device_0 = sum(s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards
-                    if s.device == jax.devices()[0])
+  on_device_0 = sum(
+    s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards if s.device == jax.devices()[0]
+  )
   assert on_device_0 < 0.26 * total, (on_device_0, total)
   # The Adam moments follow their parameters' layout; only the step counters stay whole.
   for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"]):

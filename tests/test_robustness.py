@@ -1,4 +1,5 @@
 """Training that survives crashes, preemption and bad numbers: real subprocesses killed and resumed."""
+
 import os
 import pickle
 import random
@@ -11,19 +12,25 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, losses_by_step, smoke_config
 
 from jaxgeo import checkpoint
 from jaxgeo.data import bigearthnet
-from jaxgeo.train import checks, dino, loop, writers
-
-from conftest import REPO, losses_by_step, smoke_config
+from jaxgeo.train import checks, dino, loop
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+) loss=")
 
 
 def start_training(workdir, synthetic):
-  command = [sys.executable, "-u", "-m", "jaxgeo.main", "--config=configs/dino_ben.py:smoke",
-             f"--workdir={workdir}", f"--config.data.synthetic_dir={synthetic}"]
+  command = [
+    sys.executable,
+    "-u",
+    "-m",
+    "jaxgeo.main",
+    "--config=configs/dino_ben.py:smoke",
+    f"--workdir={workdir}",
+    f"--config.data.synthetic_dir={synthetic}",
+  ]
   return subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
@@ -71,8 +78,9 @@ def test_killed_and_preempted_run_resumes_bit_for_bit(smoke_run, synthetic_dir, 
   assert sorted(reference) == sorted(interrupted)
   for step in reference:
     assert interrupted[step]["loss"] == reference[step]["loss"], step
-  for a, b in zip(jax.tree.leaves(checkpoint.load_state(reference_dir)),
-                  jax.tree.leaves(checkpoint.load_state(str(workdir)))):
+  for a, b in zip(
+    jax.tree.leaves(checkpoint.load_state(reference_dir)), jax.tree.leaves(checkpoint.load_state(str(workdir)))
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -88,6 +96,7 @@ def test_checkpoint_cut_mid_write_falls_back_and_never_unpickles(smoke_run, tmp_
 
   def refuse(*args, **kwargs):
     raise AssertionError("the resume path tried to unpickle")
+
   monkeypatch.setattr(pickle, "load", refuse)
   monkeypatch.setattr(pickle, "loads", refuse)
   monkeypatch.setattr(pickle, "Unpickler", refuse)
@@ -110,6 +119,7 @@ def nan_patch(monkeypatch):
     if self.split == "train" and index == 0:
       sample["image"] = np.full_like(sample["image"], np.nan)
     return sample
+
   monkeypatch.setattr(bigearthnet.BigEarthNetSource, "__getitem__", poisoned)
 
 
@@ -143,6 +153,7 @@ def test_full_disk_is_refused_at_start(tmp_path, monkeypatch):
 def test_skipped_bad_samples_are_counted_and_bounded(synthetic_dir, tmp_path):
   """A truncated band file: 'skip' trains on and counts it; past max_skipped_fraction the run stops."""
   from jaxgeo import data
+
   config = smoke_config(synthetic_dir, steps=4)
   root, metadata = data.resolve_paths(config.data)
   broken = tmp_path / "ben"

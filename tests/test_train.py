@@ -1,5 +1,5 @@
 """DINO through the shared loop: the smoke config end to end, sharding equivalence, resume, config errors."""
-import json
+
 import os
 import shutil
 import subprocess
@@ -8,11 +8,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, dino_ben, losses_by_step, smoke_config
 
 from jaxgeo import checkpoint, parallel
-from jaxgeo.train import checks, dino, loop, writers
-
-from conftest import REPO, dino_ben, losses_by_step, smoke_config
+from jaxgeo.train import checks, dino, loop
 
 
 def test_smoke_trains_end_to_end(smoke_run):
@@ -63,8 +62,9 @@ def test_step_on_8_devices_equals_step_on_1(synthetic_dir):
 
   def one_step(devices):
     mesh = parallel.make_mesh(config.mesh, devices=devices)
-    task = dino.make_task(config, steps_per_epoch=4, total_steps=12, in_chans=len(source.bands), mean=mean,
-                          std=std, mesh=mesh)
+    task = dino.make_task(
+      config, steps_per_epoch=4, total_steps=12, in_chans=len(source.bands), mean=mean, std=std, mesh=mesh
+    )
     abstract = jax.eval_shape(task.init, jax.random.PRNGKey(0))
     shardings = parallel.tree_shardings(abstract, config.sharding_rules, mesh)
     state = jax.jit(task.init, out_shardings=shardings)(jax.random.PRNGKey(0))
@@ -85,8 +85,9 @@ def test_fsdp_rules_leave_little_replicated():
   mesh = parallel.make_mesh(config.mesh)
   student, _ = dino.build_models(config)
   dummy = [jax.ShapeDtypeStruct((1, 1, 224, 224, 3), np.float32)]
-  abstract = jax.eval_shape(lambda: student.init({"params": jax.random.PRNGKey(0)},
-                                                 [np.zeros(d.shape, d.dtype) for d in dummy])["params"])
+  abstract = jax.eval_shape(
+    lambda: student.init({"params": jax.random.PRNGKey(0)}, [np.zeros(d.shape, d.dtype) for d in dummy])["params"]
+  )
   shardings = parallel.tree_shardings(abstract, config.sharding_rules, mesh)
   assert parallel.replicated_fraction(abstract, shardings) < 0.01
   replicated_rules = parallel.tree_shardings(abstract, [(".*", "replicate")], mesh)
@@ -115,9 +116,19 @@ def test_config_errors_fail_before_compute(tmp_path, synthetic_dir):
 
 def test_mistyped_override_is_rejected():
   result = subprocess.run(
-      [sys.executable, "-m", "jaxgeo.main", "--config=configs/dino_ben.py:smoke",
-       "--config.train.global_batchsize=8", "--workdir=/nonexistent"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "jaxgeo.main",
+      "--config=configs/dino_ben.py:smoke",
+      "--config.train.global_batchsize=8",
+      "--workdir=/nonexistent",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert "global_batchsize" in result.stderr
 
@@ -125,6 +136,7 @@ def test_mistyped_override_is_rejected():
 def test_training_starts_from_pytorch_weights(smoke_run, tmp_path):
   """config.init.checkpoint: a PyTorch-format backbone lands in both student and teacher, sharded."""
   from jaxgeo import bridge
+
   config, workdir, _ = smoke_run
   config = config.copy_and_resolve_references()  # the session's config stays as it was
   trained = checkpoint.load_params(workdir, "teacher")["backbone"]
@@ -135,8 +147,9 @@ def test_training_starts_from_pytorch_weights(smoke_run, tmp_path):
   source, _ = loop.make_input(config, "train")
   mean, std = loop.data.normalization_stats(config.data.bands)
   mesh = parallel.make_mesh(config.mesh)
-  task = dino.make_task(config, steps_per_epoch=4, total_steps=12, in_chans=len(source.bands), mean=mean,
-                        std=std, mesh=mesh)
+  task = dino.make_task(
+    config, steps_per_epoch=4, total_steps=12, in_chans=len(source.bands), mean=mean, std=std, mesh=mesh
+  )
   abstract = jax.eval_shape(task.init, jax.random.PRNGKey(0))
   shardings = parallel.tree_shardings(abstract, config.sharding_rules, mesh)
   fresh = jax.jit(task.init, out_shardings=shardings)(jax.random.PRNGKey(0))

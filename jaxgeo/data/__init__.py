@@ -1,12 +1,24 @@
 """Host-side data: BigEarthNet-S2 sources read with rasterio, a synthetic stand-in, and the grain pipeline."""
+
 from __future__ import annotations
 
 import logging
 import os
 
-from jaxgeo.data.bigearthnet import (ALL_BANDS, BAND_MEAN, BAND_STD, CLASSES_19, CLASSES_43, IMAGENET_MEAN,
-                                     IMAGENET_STD, LABEL_43_TO_19, RGB_BANDS, BigEarthNetSource,
-                                     normalization_stats, resolve_bands)
+from jaxgeo.data.bigearthnet import (
+  ALL_BANDS,
+  BAND_MEAN,
+  BAND_STD,
+  CLASSES_19,
+  CLASSES_43,
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  LABEL_43_TO_19,
+  RGB_BANDS,
+  BigEarthNetSource,
+  normalization_stats,
+  resolve_bands,
+)
 from jaxgeo.data.geotiff import BadSampleError, read_band, resize_bilinear, write_geotiff
 from jaxgeo.data.pipeline import make_iter_dataset, steps_per_epoch
 from jaxgeo.data.synthetic import write_synthetic_bigearthnet
@@ -34,11 +46,14 @@ def resolve_paths(data_config) -> tuple[str, str | None]:
   if root in _ANNOUNCED:
     return root, metadata
   _ANNOUNCED.add(root)  # once per process: every split and evaluation reads through here
-  log.warning("config.data.root is not set: using SYNTHETIC BigEarthNet-S2 data (%d generated patches at %s); "
-              "results say nothing about real imagery. To train on real BigEarthNet-S2, pass "
-              "--config.data.root=/path/to/BigEarthNet-v1.0 and, for the official splits, "
-              "--config.data.metadata=/path/to/metadata.parquet (bigearthnet-gdf-builder or BigEarthNet v2).",
-              num_patches, root)
+  log.warning(
+    "config.data.root is not set: using SYNTHETIC BigEarthNet-S2 data (%d generated patches at %s); "
+    "results say nothing about real imagery. To train on real BigEarthNet-S2, pass "
+    "--config.data.root=/path/to/BigEarthNet-v1.0 and, for the official splits, "
+    "--config.data.metadata=/path/to/metadata.parquet (bigearthnet-gdf-builder or BigEarthNet v2).",
+    num_patches,
+    root,
+  )
   return root, metadata
 
 
@@ -50,17 +65,50 @@ def build_source(data_config, split: str) -> BigEarthNetSource:
   """
   root, metadata = resolve_paths(data_config)
   from jaxgeo.data import pack  # pylint: disable=g-import-not-at-top
+
   if pack.is_packed(root):
     if metadata is not None:
-      log.warning("config.data.metadata=%s is ignored: %s is a packed store, whose splits and labels were "
-                  "fixed when it was packed", metadata, root)
-    return pack.PackedSource(root, split=split, bands=_field(data_config, "bands", "rgb"),
-                             image_size=int(_field(data_config, "image_size", 120)))
-  return BigEarthNetSource(root, metadata, split=split, bands=_field(data_config, "bands", "rgb"),
-                           image_size=int(_field(data_config, "image_size", 120)))
+      log.warning(
+        "config.data.metadata=%s is ignored: %s is a packed store, whose splits and labels were "
+        "fixed when it was packed",
+        metadata,
+        root,
+      )
+    return pack.PackedSource(
+      root,
+      split=split,
+      bands=_field(data_config, "bands", "rgb"),
+      image_size=int(_field(data_config, "image_size", 120)),
+    )
+  return BigEarthNetSource(
+    root,
+    metadata,
+    split=split,
+    bands=_field(data_config, "bands", "rgb"),
+    image_size=int(_field(data_config, "image_size", 120)),
+  )
 
 
-__all__ = ["ALL_BANDS", "BAND_MEAN", "BAND_STD", "CLASSES_19", "CLASSES_43", "IMAGENET_MEAN", "IMAGENET_STD",
-           "LABEL_43_TO_19", "RGB_BANDS", "BadSampleError", "BigEarthNetSource", "build_source",
-           "make_iter_dataset", "normalization_stats", "read_band", "resize_bilinear", "resolve_bands",
-           "resolve_paths", "steps_per_epoch", "write_geotiff", "write_synthetic_bigearthnet"]
+__all__ = [
+  "ALL_BANDS",
+  "BAND_MEAN",
+  "BAND_STD",
+  "CLASSES_19",
+  "CLASSES_43",
+  "IMAGENET_MEAN",
+  "IMAGENET_STD",
+  "LABEL_43_TO_19",
+  "RGB_BANDS",
+  "BadSampleError",
+  "BigEarthNetSource",
+  "build_source",
+  "make_iter_dataset",
+  "normalization_stats",
+  "read_band",
+  "resize_bilinear",
+  "resolve_bands",
+  "resolve_paths",
+  "steps_per_epoch",
+  "write_geotiff",
+  "write_synthetic_bigearthnet",
+]

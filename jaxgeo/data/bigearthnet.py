@@ -10,6 +10,7 @@ Split and labels come from, in order of preference:
   * no parquet: every patch folder under root; labels from its json (43 -> 19 classes) and the split from a hash
     of the patch name (`hash_split`, 60/20/20), stable across machines and Python versions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,20 @@ from jaxgeo.data.geotiff import BadSampleError, read_band, resize_bilinear
 
 ALL_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
 RGB_BANDS = ("B04", "B03", "B02")
-BAND_RESOLUTION_M = {"B01": 60, "B02": 10, "B03": 10, "B04": 10, "B05": 20, "B06": 20, "B07": 20, "B08": 10,
-                     "B8A": 20, "B09": 60, "B11": 20, "B12": 20}
+BAND_RESOLUTION_M = {
+  "B01": 60,
+  "B02": 10,
+  "B03": 10,
+  "B04": 10,
+  "B05": 20,
+  "B06": 20,
+  "B07": 20,
+  "B08": 10,
+  "B8A": 20,
+  "B09": 60,
+  "B11": 20,
+  "B12": 20,
+}
 PATCH_SIZE = 120  # pixels of a 10 m band; a patch covers 1.2 km x 1.2 km
 SPLITS = ("train", "validation", "test")
 # Sentinel-2 L2A products reserve DN 0 for NO_DATA, so a 0 in a band file BEN declares no nodata for is a hole.
@@ -33,10 +46,34 @@ S2_NODATA = 0
 # Per-band reflectance statistics of BigEarthNet-S2, in the reflectance / 10000 units the pipeline feeds the
 # device. Source: BAND_STATS in BigEarthNet.py of git.tu-berlin.de/rsim/bigearthnet-models-tf (the dataset
 # authors' reference models; also used by seasonal-contrast and torchgeo), there in DN; divided by 10000 here.
-_BAND_MEAN_DN = (340.76769064, 429.9430203, 614.21682446, 590.23569706, 950.68368468, 1792.46290469,
-                 2075.46795189, 2218.94553375, 2266.46036911, 2246.0605464, 1594.42694882, 1009.32729131)
-_BAND_STD_DN = (554.81258967, 572.41639287, 582.87945694, 675.88746967, 729.89827633, 1096.01480586,
-                1273.45393088, 1365.45589904, 1356.13789355, 1302.3292881, 1079.19066363, 818.86747235)
+_BAND_MEAN_DN = (
+  340.76769064,
+  429.9430203,
+  614.21682446,
+  590.23569706,
+  950.68368468,
+  1792.46290469,
+  2075.46795189,
+  2218.94553375,
+  2266.46036911,
+  2246.0605464,
+  1594.42694882,
+  1009.32729131,
+)
+_BAND_STD_DN = (
+  554.81258967,
+  572.41639287,
+  582.87945694,
+  675.88746967,
+  729.89827633,
+  1096.01480586,
+  1273.45393088,
+  1365.45589904,
+  1356.13789355,
+  1302.3292881,
+  1079.19066363,
+  818.86747235,
+)
 BAND_MEAN = {band: m / 10000.0 for band, m in zip(ALL_BANDS, _BAND_MEAN_DN)}
 BAND_STD = {band: s / 10000.0 for band, s in zip(ALL_BANDS, _BAND_STD_DN)}
 # True-colour input is reflectance / 2000 clipped to [0, 1], an 8-bit-like picture, so it is normalised like
@@ -45,42 +82,123 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CLASSES_43 = (
-    "Continuous urban fabric", "Discontinuous urban fabric", "Industrial or commercial units",
-    "Road and rail networks and associated land", "Port areas", "Airports", "Mineral extraction sites",
-    "Dump sites", "Construction sites", "Green urban areas", "Sport and leisure facilities",
-    "Non-irrigated arable land", "Permanently irrigated land", "Rice fields", "Vineyards",
-    "Fruit trees and berry plantations", "Olive groves", "Pastures", "Annual crops associated with permanent crops",
-    "Complex cultivation patterns",
-    "Land principally occupied by agriculture, with significant areas of natural vegetation",
-    "Agro-forestry areas", "Broad-leaved forest", "Coniferous forest", "Mixed forest", "Natural grassland",
-    "Moors and heathland", "Sclerophyllous vegetation", "Transitional woodland/shrub", "Beaches, dunes, sands",
-    "Bare rock", "Sparsely vegetated areas", "Burnt areas", "Inland marshes", "Peatbogs", "Salt marshes",
-    "Salines", "Intertidal flats", "Water courses", "Water bodies", "Coastal lagoons", "Estuaries",
-    "Sea and ocean")
+  "Continuous urban fabric",
+  "Discontinuous urban fabric",
+  "Industrial or commercial units",
+  "Road and rail networks and associated land",
+  "Port areas",
+  "Airports",
+  "Mineral extraction sites",
+  "Dump sites",
+  "Construction sites",
+  "Green urban areas",
+  "Sport and leisure facilities",
+  "Non-irrigated arable land",
+  "Permanently irrigated land",
+  "Rice fields",
+  "Vineyards",
+  "Fruit trees and berry plantations",
+  "Olive groves",
+  "Pastures",
+  "Annual crops associated with permanent crops",
+  "Complex cultivation patterns",
+  "Land principally occupied by agriculture, with significant areas of natural vegetation",
+  "Agro-forestry areas",
+  "Broad-leaved forest",
+  "Coniferous forest",
+  "Mixed forest",
+  "Natural grassland",
+  "Moors and heathland",
+  "Sclerophyllous vegetation",
+  "Transitional woodland/shrub",
+  "Beaches, dunes, sands",
+  "Bare rock",
+  "Sparsely vegetated areas",
+  "Burnt areas",
+  "Inland marshes",
+  "Peatbogs",
+  "Salt marshes",
+  "Salines",
+  "Intertidal flats",
+  "Water courses",
+  "Water bodies",
+  "Coastal lagoons",
+  "Estuaries",
+  "Sea and ocean",
+)
 CLASSES_19 = (
-    "Urban fabric", "Industrial or commercial units", "Arable land", "Permanent crops", "Pastures",
-    "Complex cultivation patterns",
-    "Land principally occupied by agriculture, with significant areas of natural vegetation",
-    "Agro-forestry areas", "Broad-leaved forest", "Coniferous forest", "Mixed forest",
-    "Natural grassland and sparsely vegetated areas", "Moors, heathland and sclerophyllous vegetation",
-    "Transitional woodland, shrub", "Beaches, dunes, sands", "Inland wetlands", "Coastal wetlands",
-    "Inland waters", "Marine waters")
+  "Urban fabric",
+  "Industrial or commercial units",
+  "Arable land",
+  "Permanent crops",
+  "Pastures",
+  "Complex cultivation patterns",
+  "Land principally occupied by agriculture, with significant areas of natural vegetation",
+  "Agro-forestry areas",
+  "Broad-leaved forest",
+  "Coniferous forest",
+  "Mixed forest",
+  "Natural grassland and sparsely vegetated areas",
+  "Moors, heathland and sclerophyllous vegetation",
+  "Transitional woodland, shrub",
+  "Beaches, dunes, sands",
+  "Inland wetlands",
+  "Coastal wetlands",
+  "Inland waters",
+  "Marine waters",
+)
 # BigEarthNet-19 nomenclature (Sumbul et al. 2021): 43-class index -> 19-class index. The 11 classes missing
 # here (roads, ports, airports, mines, dumps, construction, green urban, sport, bare rock, burnt areas,
 # intertidal flats) have no 19-class counterpart and are dropped.
-_CONVERT_43_TO_19 = {0: 0, 1: 0, 2: 1, 11: 2, 12: 2, 13: 2, 14: 3, 15: 3, 16: 3, 18: 3, 17: 4, 19: 5, 20: 6,
-                     21: 7, 22: 8, 23: 9, 24: 10, 25: 11, 31: 11, 26: 12, 27: 12, 28: 13, 29: 14, 33: 15,
-                     34: 15, 35: 16, 36: 16, 38: 17, 39: 17, 40: 18, 41: 18, 42: 18}
+_CONVERT_43_TO_19 = {
+  0: 0,
+  1: 0,
+  2: 1,
+  11: 2,
+  12: 2,
+  13: 2,
+  14: 3,
+  15: 3,
+  16: 3,
+  18: 3,
+  17: 4,
+  19: 5,
+  20: 6,
+  21: 7,
+  22: 8,
+  23: 9,
+  24: 10,
+  25: 11,
+  31: 11,
+  26: 12,
+  27: 12,
+  28: 13,
+  29: 14,
+  33: 15,
+  34: 15,
+  35: 16,
+  36: 16,
+  38: 17,
+  39: 17,
+  40: 18,
+  41: 18,
+  42: 18,
+}
 LABEL_43_TO_19 = {CLASSES_43[i]: CLASSES_19[j] for i, j in _CONVERT_43_TO_19.items()}
 _INDEX_19 = {name: i for i, name in enumerate(CLASSES_19)}
 
 # Parquet formats: the column holding the patch name decides which one a file is.
 _PARQUET_FORMATS = {
-    "name": ("bigearthnet-gdf-builder", {"name": "name", "split": "original_split", "labels": "new_labels"}),
-    "patch_id": ("BigEarthNet v2", {"name": "patch_id", "split": "split", "labels": "labels"}),
+  "name": ("bigearthnet-gdf-builder", {"name": "name", "split": "original_split", "labels": "new_labels"}),
+  "patch_id": ("BigEarthNet v2", {"name": "patch_id", "split": "split", "labels": "labels"}),
 }
-_SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
-                  "test": "test"}
+_SPLIT_ALIASES = {
+  "train": "train",
+  "training": "train",
+  "validation": "validation",
+  "val": "validation",
+  "test": "test",
+}
 
 
 def band_shape(band: str) -> tuple[int, int]:
@@ -90,7 +208,7 @@ def band_shape(band: str) -> tuple[int, int]:
 
 
 def resolve_bands(bands: str | Sequence[str]) -> tuple[str, ...]:
-  """"rgb" -> B04, B03, B02; "all" -> the 12 L2A bands in ALL_BANDS order; or a list of band names."""
+  """ "rgb" -> B04, B03, B02; "all" -> the 12 L2A bands in ALL_BANDS order; or a list of band names."""
   if isinstance(bands, str):
     if bands in ("rgb", "all"):
       return RGB_BANDS if bands == "rgb" else ALL_BANDS
@@ -128,8 +246,10 @@ def labels_to_multi_hot(names: Sequence[str], *, where: str) -> np.ndarray:
   for name in names:
     if name not in _INDEX_19:
       hint = " (a 43-class CORINE name: this column must hold BigEarthNet-19 names)" if name in CLASSES_43 else ""
-      raise ValueError(f"{where}: unknown label {name!r}{hint}; expected one of jaxgeo.data.bigearthnet."
-                       f"CLASSES_19, e.g. {CLASSES_19[0]!r}")
+      raise ValueError(
+        f"{where}: unknown label {name!r}{hint}; expected one of jaxgeo.data.bigearthnet."
+        f"CLASSES_19, e.g. {CLASSES_19[0]!r}"
+      )
     multi_hot[_INDEX_19[name]] = 1.0
   return multi_hot
 
@@ -145,23 +265,28 @@ def _read_parquet_split(path: str, split: str) -> tuple[list[str], np.ndarray]:
     raise ValueError(f"{path}: cannot read as parquet: {e}") from e
   name_column = next((c for c in _PARQUET_FORMATS if c in schema_names), None)
   if name_column is None:
-    raise ValueError(f"{path}: parquet missing column 'name' (bigearthnet-gdf-builder: name, original_split, "
-                     f"new_labels) or 'patch_id' (BigEarthNet v2: patch_id, split, labels); "
-                     f"found columns {schema_names}")
+    raise ValueError(
+      f"{path}: parquet missing column 'name' (bigearthnet-gdf-builder: name, original_split, "
+      f"new_labels) or 'patch_id' (BigEarthNet v2: patch_id, split, labels); "
+      f"found columns {schema_names}"
+    )
   format_name, columns = _PARQUET_FORMATS[name_column]
   missing = [c for c in columns.values() if c not in schema_names]
   if missing:
-    raise ValueError(f"{path}: parquet missing column(s) {missing} needed for the {format_name} format "
-                     f"(expected {list(columns.values())}); found columns {schema_names}")
+    raise ValueError(
+      f"{path}: parquet missing column(s) {missing} needed for the {format_name} format "
+      f"(expected {list(columns.values())}); found columns {schema_names}"
+    )
   table = pq.read_table(path, columns=list(columns.values())).to_pydict()
   names, labels = [], []
-  for row, (name, row_split, row_labels) in enumerate(zip(*(table[columns[k]] for k in ("name", "split",
-                                                                                          "labels")))):
+  for row, (name, row_split, row_labels) in enumerate(zip(*(table[columns[k]] for k in ("name", "split", "labels")))):
     if row_split is None:  # gdf-builder leaves patches outside the official splits (snow, cloud) without one
       continue
     if row_split not in _SPLIT_ALIASES:
-      raise ValueError(f"{path}: column {columns['split']!r} row {row} (patch {name}): unknown split "
-                       f"{row_split!r}; expected one of {sorted(_SPLIT_ALIASES)}")
+      raise ValueError(
+        f"{path}: column {columns['split']!r} row {row} (patch {name}): unknown split "
+        f"{row_split!r}; expected one of {sorted(_SPLIT_ALIASES)}"
+      )
     if _SPLIT_ALIASES[row_split] != split:
       continue
     row_labels = [row_labels] if isinstance(row_labels, str) else list(row_labels or ())
@@ -188,8 +313,15 @@ class BigEarthNetSource:
 
   expected_dtype = "uint16"
 
-  def __init__(self, root: str | os.PathLike, metadata: str | os.PathLike | None = None, split: str = "train",
-               bands: str | Sequence[str] = "rgb", image_size: int = PATCH_SIZE, nodata: int | None = S2_NODATA):
+  def __init__(
+    self,
+    root: str | os.PathLike,
+    metadata: str | os.PathLike | None = None,
+    split: str = "train",
+    bands: str | Sequence[str] = "rgb",
+    image_size: int = PATCH_SIZE,
+    nodata: int | None = S2_NODATA,
+  ):
     if split not in SPLITS:
       raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     self.root = os.fspath(root)
@@ -215,8 +347,10 @@ class BigEarthNetSource:
     return len(self.names)
 
   def __repr__(self) -> str:
-    return (f"BigEarthNetSource(root={self.root!r}, metadata={self.metadata!r}, split={self.split!r}, "
-            f"bands={self.bands}, {len(self)} patches)")
+    return (
+      f"BigEarthNetSource(root={self.root!r}, metadata={self.metadata!r}, split={self.split!r}, "
+      f"bands={self.bands}, {len(self)} patches)"
+    )
 
   def patch_dir(self, index: int) -> str:
     """Folder of patch `index`: `<root>/<patch>` (v1) or `<root>/<tile>/<patch>` (v2); BadSampleError if none."""
@@ -232,8 +366,7 @@ class BigEarthNetSource:
   def _read_band(self, patch_dir: str, band: str) -> np.ndarray:
     name = os.path.basename(patch_dir)
     path = os.path.join(patch_dir, f"{name}_{band}.tif")
-    data = read_band(path, expected_shape=band_shape(band), expected_dtype=self.expected_dtype,
-                     nodata=self.nodata)
+    data = read_band(path, expected_shape=band_shape(band), expected_dtype=self.expected_dtype, nodata=self.nodata)
     return resize_bilinear(data, (self.image_size, self.image_size))
 
   def _json_labels(self, patch_dir: str) -> np.ndarray:
@@ -258,8 +391,11 @@ class BigEarthNetSource:
     index = int(index)
     patch_dir = self.patch_dir(index)
     image = np.stack([self._read_band(patch_dir, band) for band in self.bands], axis=-1)
-    return {"image": scale_reflectance(image, self.rgb_scaling), "labels": self._labels_of(index, patch_dir),
-            "index": np.int32(index)}
+    return {
+      "image": scale_reflectance(image, self.rgb_scaling),
+      "labels": self._labels_of(index, patch_dir),
+      "index": np.int32(index),
+    }
 
   def problems(self, index: int) -> list[BadSampleError]:
     """Every problem of sample `index` (all its band files and labels), where __getitem__ stops at the first."""
@@ -269,7 +405,8 @@ class BigEarthNetSource:
       return [e]
     found = []
     for read in [lambda b=b: self._read_band(patch_dir, b) for b in self.bands] + [
-        lambda: self._labels_of(index, patch_dir)]:
+      lambda: self._labels_of(index, patch_dir)
+    ]:
       try:
         read()
       except BadSampleError as e:

@@ -4,6 +4,7 @@
 
 Exits 1 when it finds problems, 0 when the dataset is clean.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,7 @@ def check_dataset(data_config, splits: Sequence[str] = SPLITS) -> list[str]:
     for index in range(len(source)):
       problems.extend(f"[{split}] {error}" for error in source.problems(index))
       if index and index % 10000 == 0:
-        log.info("%s: checked %d / %d patches (%.0f/s)", split, index, len(source),
-                 index / (time.monotonic() - start))
+        log.info("%s: checked %d / %d patches (%.0f/s)", split, index, len(source), index / (time.monotonic() - start))
     log.info("%s: scanned %d patches, %d problem(s)", split, len(source), len(problems) - found_before)
   return problems
 
@@ -52,8 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   problems = check_dataset(config, splits)
   for problem in problems:
     print(problem)
-  print(f"checked splits {splits} of {args.root}: {len(problems)} problem(s)" +
-        ("" if problems else "; dataset is clean"))
+  print(
+    f"checked splits {splits} of {args.root}: {len(problems)} problem(s)" + ("" if problems else "; dataset is clean")
+  )
   return 1 if problems else 0
 
 

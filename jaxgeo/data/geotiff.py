@@ -5,6 +5,7 @@ meets a broken file among hundreds of thousands says which one and why (and skip
 Handles are opened and closed inside each call: nothing here holds a rasterio dataset, so objects that use these
 helpers pickle cleanly into grain worker processes.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,13 @@ class BadSampleError(ValueError):
     return (BadSampleError, (self.path, self.problem))
 
 
-def read_band(path: str | os.PathLike, *, expected_shape: tuple[int, int] | None = None,
-              expected_dtype: str | None = "uint16", nodata: float | None = None) -> np.ndarray:
+def read_band(
+  path: str | os.PathLike,
+  *,
+  expected_shape: tuple[int, int] | None = None,
+  expected_dtype: str | None = "uint16",
+  nodata: float | None = None,
+) -> np.ndarray:
   """Reads band 1 of a single-band GeoTIFF as a [H, W] array in the file's dtype, or raises BadSampleError.
 
   `nodata`: value treated as missing when the file declares none. The file's own nodata tag wins, because
@@ -45,8 +51,7 @@ def read_band(path: str | os.PathLike, *, expected_shape: tuple[int, int] | None
       if src.count != 1:
         problems.append(f"has {src.count} bands, expected 1")
       if expected_shape is not None and (src.height, src.width) != tuple(expected_shape):
-        problems.append(f"wrong size {src.height}x{src.width}, expected "
-                        f"{expected_shape[0]}x{expected_shape[1]}")
+        problems.append(f"wrong size {src.height}x{src.width}, expected {expected_shape[0]}x{expected_shape[1]}")
       if expected_dtype is not None and src.dtypes[0] != np.dtype(expected_dtype).name:
         problems.append(f"wrong dtype {src.dtypes[0]}, expected {np.dtype(expected_dtype).name}")
       file_nodata = src.nodata
@@ -108,8 +113,7 @@ def resize_bilinear(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
   return out.astype(np.float32, copy=False)
 
 
-def write_geotiff(path: str | os.PathLike, array: np.ndarray, *, crs, transform,
-                  nodata: float | None = None) -> None:
+def write_geotiff(path: str | os.PathLike, array: np.ndarray, *, crs, transform, nodata: float | None = None) -> None:
   """Writes a [H, W] or [C, H, W] array as a GeoTIFF with a CRS (e.g. "EPSG:32633") and an affine transform."""
   array = np.asarray(array)
   if array.ndim == 2:
@@ -117,6 +121,16 @@ def write_geotiff(path: str | os.PathLike, array: np.ndarray, *, crs, transform,
   if array.ndim != 3:
     raise ValueError(f"{os.fspath(path)}: expected a [H, W] or [C, H, W] array, got shape {array.shape}")
   count, height, width = array.shape
-  with rasterio.open(os.fspath(path), "w", driver="GTiff", height=height, width=width, count=count,
-                     dtype=array.dtype.name, crs=crs, transform=transform, nodata=nodata) as dst:
+  with rasterio.open(
+    os.fspath(path),
+    "w",
+    driver="GTiff",
+    height=height,
+    width=width,
+    count=count,
+    dtype=array.dtype.name,
+    crs=crs,
+    transform=transform,
+    nodata=nodata,
+  ) as dst:
     dst.write(array)

@@ -23,6 +23,7 @@ BigEarthNetSource's (a uint16 store of resampled bands would have to round the b
 The store is written in a temporary sibling folder and renamed into place once complete (manifest last), so a
 crash never leaves a folder that looks like a finished store.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,7 @@ def decode_header(record: bytes, where: str) -> tuple[dict, int]:
     raise BadSampleError(where, f"record starts with {magic!r}, expected {MAGIC!r} (not a jaxgeo packed record)")
   start = _HEADER.size
   try:
-    header = json.loads(record[start:start + header_len])
+    header = json.loads(record[start : start + header_len])
   except ValueError as e:
     raise BadSampleError(where, f"unreadable record header: {e}") from e
   return header, start + header_len
@@ -84,6 +85,7 @@ def decode_header(record: bytes, where: str) -> tuple[dict, int]:
 # Reading
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def read_manifest(root: str) -> dict:
   path = os.path.join(root, MANIFEST)
   if not os.path.isfile(path):
@@ -91,8 +93,10 @@ def read_manifest(root: str) -> dict:
   with open(path) as f:
     manifest = json.load(f)
   if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-    raise ValueError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; this "
-                     f"jaxgeo reads {FORMAT!r} version {FORMAT_VERSION}: re-pack with python -m jaxgeo.data.pack")
+    raise ValueError(
+      f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; this "
+      f"jaxgeo reads {FORMAT!r} version {FORMAT_VERSION}: re-pack with python -m jaxgeo.data.pack"
+    )
   return manifest
 
 
@@ -104,8 +108,13 @@ class PackedSource:
   split order as the BigEarthNetSource the store was packed from. Only the requested bands are decoded.
   """
 
-  def __init__(self, root: str | os.PathLike, split: str = "train", bands: str | Sequence[str] = "rgb",
-               image_size: int = ben.PATCH_SIZE):
+  def __init__(
+    self,
+    root: str | os.PathLike,
+    split: str = "train",
+    bands: str | Sequence[str] = "rgb",
+    image_size: int = ben.PATCH_SIZE,
+  ):
     if split not in ben.SPLITS:
       raise ValueError(f"split: expected one of {ben.SPLITS}, got {split!r}")
     import grain  # pylint: disable=g-import-not-at-top
@@ -119,18 +128,23 @@ class PackedSource:
     packed = tuple(self.manifest["bands"])
     missing = [b for b in self.bands if b not in packed]
     if missing:
-      raise ValueError(f"{os.path.join(self.root, MANIFEST)}: band(s) {missing} requested by data.bands are not "
-                       f"in this store (packed: {list(packed)}); re-pack with --bands=all")
+      raise ValueError(
+        f"{os.path.join(self.root, MANIFEST)}: band(s) {missing} requested by data.bands are not "
+        f"in this store (packed: {list(packed)}); re-pack with --bands=all"
+      )
     if split not in self.manifest["splits"]:
-      raise ValueError(f"{os.path.join(self.root, MANIFEST)}: split {split!r} is not in this store "
-                       f"(packed: {sorted(self.manifest['splits'])})")
+      raise ValueError(
+        f"{os.path.join(self.root, MANIFEST)}: split {split!r} is not in this store "
+        f"(packed: {sorted(self.manifest['splits'])})"
+      )
     entry = self.manifest["splits"][split]
     self.path = os.path.join(self.root, entry["file"])
     with open(os.path.join(self.root, entry["names"])) as f:
       self.names = f.read().splitlines()
     if len(self.names) != entry["count"]:
-      raise ValueError(f"{os.path.join(self.root, entry['names'])}: {len(self.names)} names, manifest says "
-                       f"{entry['count']}")
+      raise ValueError(
+        f"{os.path.join(self.root, entry['names'])}: {len(self.names)} names, manifest says {entry['count']}"
+      )
     if not self.names:
       raise ValueError(f"{self.path}: split {split!r} is empty (no patches)")
     # Byte range of every packed band inside the pixel payload, from the manifest's shapes.
@@ -169,8 +183,13 @@ class PackedSource:
     # so this is bit-equal to the folder reader's band-by-band resize and does the index work once.
     channels = [None] * len(self.bands)
     for shape, members in self._bands_by_shape.items():
-      stack = np.stack([np.frombuffer(pixels, "<u2", count=shape[0] * shape[1], offset=self._band_layout[c][0])
-                        .reshape(shape) for c in members], axis=-1)
+      stack = np.stack(
+        [
+          np.frombuffer(pixels, "<u2", count=shape[0] * shape[1], offset=self._band_layout[c][0]).reshape(shape)
+          for c in members
+        ],
+        axis=-1,
+      )
       resized = resize_bilinear(stack, size)
       for k, c in enumerate(members):
         channels[c] = resized[..., k]
@@ -183,6 +202,7 @@ class PackedSource:
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class _PatchReader:
   """Reads one patch's packed bands at native size + labels through BigEarthNetSource's own checks.
@@ -198,18 +218,33 @@ class _PatchReader:
     try:
       patch_dir = self.source.patch_dir(index)
       name = os.path.basename(patch_dir)
-      pixels = [read_band(os.path.join(patch_dir, f"{name}_{band}.tif"), expected_shape=ben.band_shape(band),
-                          expected_dtype=self.source.expected_dtype, nodata=self.source.nodata)
-                for band in self.bands]
+      pixels = [
+        read_band(
+          os.path.join(patch_dir, f"{name}_{band}.tif"),
+          expected_shape=ben.band_shape(band),
+          expected_dtype=self.source.expected_dtype,
+          nodata=self.source.nodata,
+        )
+        for band in self.bands
+      ]
       labels = self.source._labels_of(index, patch_dir)  # pylint: disable=protected-access
       return index, encode_record(self.source.names[index], labels, pixels)
     except BadSampleError as e:
       return index, e
 
 
-def pack(root: str, out: str, metadata: str | None = None, bands: str | Sequence[str] = "all",
-         splits: Sequence[str] = ben.SPLITS, workers: int = 1, on_bad_sample: str = "error",
-         compression: str = "uncompressed", log_every: int = 1000, overwrite: bool = False) -> dict:
+def pack(
+  root: str,
+  out: str,
+  metadata: str | None = None,
+  bands: str | Sequence[str] = "all",
+  splits: Sequence[str] = ben.SPLITS,
+  workers: int = 1,
+  on_bad_sample: str = "error",
+  compression: str = "uncompressed",
+  log_every: int = 1000,
+  overwrite: bool = False,
+) -> dict:
   """Packs the BigEarthNet tree at `root` (splits from `metadata` or hash_split) into `out`; returns the manifest.
 
   on_bad_sample: "error" stops at the first bad patch (the error names the file); "skip" leaves it out of the
@@ -227,12 +262,19 @@ def pack(root: str, out: str, metadata: str | None = None, bands: str | Sequence
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.packing-", dir=parent)
-  manifest = {"format": FORMAT, "version": FORMAT_VERSION, "bands": list(band_names),
-              "band_shapes": [list(ben.band_shape(b)) for b in band_names], "dtype": "uint16",
-              "source_root": os.path.abspath(root), "source_metadata": metadata and os.path.abspath(metadata),
-              "record": "b'JGPK' | uint32 LE header length | JSON {name, labels: 19-class indices} | raw LE uint16 "
-                        "bands in 'bands' order at 'band_shapes'",
-              "splits": {}, "skipped": {}}
+  manifest = {
+    "format": FORMAT,
+    "version": FORMAT_VERSION,
+    "bands": list(band_names),
+    "band_shapes": [list(ben.band_shape(b)) for b in band_names],
+    "dtype": "uint16",
+    "source_root": os.path.abspath(root),
+    "source_metadata": metadata and os.path.abspath(metadata),
+    "record": "b'JGPK' | uint32 LE header length | JSON {name, labels: 19-class indices} | raw LE uint16 "
+    "bands in 'bands' order at 'band_shapes'",
+    "splits": {},
+    "skipped": {},
+  }
   pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
   try:
     sources = {}
@@ -248,15 +290,19 @@ def pack(root: str, out: str, metadata: str | None = None, bands: str | Sequence
     log.info("packing %d patches (%s) from %s into %s", total, ",".join(sources), root, out)
     for split, source in sources.items():
       reader = _PatchReader(source, band_names)
-      writer = ArrayRecordWriter(os.path.join(staging, f"{split}.array_record"),
-                                 _WRITER_OPTIONS.format(compression=compression))
+      writer = ArrayRecordWriter(
+        os.path.join(staging, f"{split}.array_record"), _WRITER_OPTIONS.format(compression=compression)
+      )
       names, skipped = [], []
       results = pool.imap(reader, range(len(source)), chunksize=16) if pool else map(reader, range(len(source)))
       for index, result in results:
         if isinstance(result, BadSampleError):
           if on_bad_sample == "error":
-            raise BadSampleError(result.path, f"{result.problem} (patch {source.names[index]}, split {split}; "
-                                              "pass --on_bad_sample=skip to leave bad patches out)")
+            raise BadSampleError(
+              result.path,
+              f"{result.problem} (patch {source.names[index]}, split {split}; "
+              "pass --on_bad_sample=skip to leave bad patches out)",
+            )
           log.warning("skipping bad patch %s: %s", source.names[index], result)
           skipped.append({"name": source.names[index], "error": str(result)})
         else:
@@ -266,13 +312,17 @@ def pack(root: str, out: str, metadata: str | None = None, bands: str | Sequence
         if done % log_every == 0 or done == total:
           elapsed = time.perf_counter() - start
           rate = done / max(elapsed, 1e-9)
-          log.info("packed %d/%d patches (%.0f/s), ETA %s", done, total, rate,
-                   time.strftime("%H:%M:%S", time.gmtime((total - done) / max(rate, 1e-9))))
+          log.info(
+            "packed %d/%d patches (%.0f/s), ETA %s",
+            done,
+            total,
+            rate,
+            time.strftime("%H:%M:%S", time.gmtime((total - done) / max(rate, 1e-9))),
+          )
       writer.close()
       with open(os.path.join(staging, f"{split}.names.txt"), "w") as f:
         f.write("".join(n + "\n" for n in names))
-      manifest["splits"][split] = {"count": len(names), "file": f"{split}.array_record",
-                                   "names": f"{split}.names.txt"}
+      manifest["splits"][split] = {"count": len(names), "file": f"{split}.array_record", "names": f"{split}.names.txt"}
       if skipped:
         manifest["skipped"][split] = skipped
     manifest["seconds"] = round(time.perf_counter() - start, 3)
@@ -286,16 +336,16 @@ def pack(root: str, out: str, metadata: str | None = None, bands: str | Sequence
       pool.terminate()
     if os.path.isdir(staging):
       shutil.rmtree(staging)
-  log.info("packed store complete: %s (%s)", out,
-           ", ".join(f"{s} {e['count']}" for s, e in manifest["splits"].items()))
+  log.info("packed store complete: %s (%s)", out, ", ".join(f"{s} {e['count']}" for s, e in manifest["splits"].items()))
   return manifest
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m jaxgeo.data.pack", description=__doc__.split("\n\n")[0])
   parser.add_argument("--root", required=True, help="BigEarthNet-S2 folder (v1 <patch>/ or v2 <tile>/<patch>/)")
-  parser.add_argument("--metadata", default=None, help="gdf-builder or v2 parquet (splits, labels); "
-                                                        "default: json labels + hash split")
+  parser.add_argument(
+    "--metadata", default=None, help="gdf-builder or v2 parquet (splits, labels); default: json labels + hash split"
+  )
   parser.add_argument("--out", required=True, help="folder of the packed store (must not exist)")
   parser.add_argument("--bands", default="all", help="all | rgb | comma-separated band names")
   parser.add_argument("--splits", default=",".join(ben.SPLITS))
@@ -308,9 +358,18 @@ def main(argv=None):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   bands = args.bands if args.bands in ("all", "rgb") else [b for b in args.bands.split(",") if b]
   try:
-    pack(args.root, args.out, metadata=args.metadata, bands=bands, splits=args.splits.split(","),
-         workers=args.workers, on_bad_sample=args.on_bad_sample, compression=args.compression,
-         log_every=args.log_every, overwrite=args.overwrite)
+    pack(
+      args.root,
+      args.out,
+      metadata=args.metadata,
+      bands=bands,
+      splits=args.splits.split(","),
+      workers=args.workers,
+      on_bad_sample=args.on_bad_sample,
+      compression=args.compression,
+      log_every=args.log_every,
+      overwrite=args.overwrite,
+    )
   except (BadSampleError, ValueError, FileNotFoundError, FileExistsError) as e:
     log.error("%s", e)
     return 1

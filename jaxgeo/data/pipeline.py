@@ -13,14 +13,15 @@ count. Nothing is loaded for an index another process owns.
 The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (or orbax with
 `grain.checkpoint.CheckpointSave/CheckpointRestore`) resume at the exact next batch.
 """
+
 from __future__ import annotations
 
 import logging
 from typing import Any, Sequence
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags
 
 from jaxgeo.data.geotiff import BadSampleError
 
@@ -82,7 +83,6 @@ class _CountSkippedIterator(grain.DatasetIterator):
 
 
 class _CountSkipped(grain.IterDataset):
-
   def __iter__(self):
     return _CountSkippedIterator(self._parent.__iter__())
 
@@ -119,11 +119,21 @@ def _process_block(indices, block, process_index, process_count, drop_remainder)
   return grain.MapDataset.range(full_rows + extra).map(position)
 
 
-def make_iter_dataset(source: Sequence[Any], *, batch_size_per_process: int, seed: int,
-                      num_epochs: int | None, shuffle: bool = True, process_index: int = 0,
-                      process_count: int = 1, worker_count: int = 0, prefetch: int = 2,
-                      on_bad_sample: str = "error", drop_remainder: bool = True,
-                      read_threads: int = 4) -> grain.IterDataset:
+def make_iter_dataset(
+  source: Sequence[Any],
+  *,
+  batch_size_per_process: int,
+  seed: int,
+  num_epochs: int | None,
+  shuffle: bool = True,
+  process_index: int = 0,
+  process_count: int = 1,
+  worker_count: int = 0,
+  prefetch: int = 2,
+  on_bad_sample: str = "error",
+  drop_remainder: bool = True,
+  read_threads: int = 4,
+) -> grain.IterDataset:
   """Batches of {"image", "labels", "index", "num_skipped"} numpy arrays with a leading local batch axis.
 
   num_epochs None repeats forever (training); an int stops after that many passes (evaluation: 1, with
@@ -142,8 +152,9 @@ def make_iter_dataset(source: Sequence[Any], *, batch_size_per_process: int, see
   indices = indices.repeat(num_epochs)
   indices = _process_block(indices, batch_size_per_process, process_index, process_count, drop_remainder)
   samples = indices.map(_LoadSample(source, on_bad_sample))
-  read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(
-      1, 2 * batch_size_per_process) if read_threads else 0)
+  read_options = grain.ReadOptions(
+    num_threads=read_threads, prefetch_buffer_size=max(1, 2 * batch_size_per_process) if read_threads else 0
+  )
   dataset = _CountSkipped(samples.to_iter_dataset(read_options=read_options))
   dataset = dataset.batch(batch_size_per_process, drop_remainder=drop_remainder)
   if worker_count > 0:
@@ -151,8 +162,9 @@ def make_iter_dataset(source: Sequence[Any], *, batch_size_per_process: int, see
     # parsed them, and grain would fail on the first batch, so fall back to the flag defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                               per_worker_buffer_size=max(1, prefetch)))
+    dataset = dataset.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=max(1, prefetch))
+    )
   return dataset
 
 
@@ -160,6 +172,8 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   """Full global batches in one pass over `num_examples` (the remainder is carried into the next epoch)."""
   steps = num_examples // global_batch_size
   if steps < 1:
-    raise ValueError(f"global batch size {global_batch_size} is larger than the {num_examples} examples of the "
-                     "split: lower the batch size or use more data")
+    raise ValueError(
+      f"global batch size {global_batch_size} is larger than the {num_examples} examples of the "
+      "split: lower the batch size or use more data"
+    )
   return steps

@@ -8,6 +8,7 @@ street grid, blobby forest crowns, smooth water), so a self-supervised model has
 seen through its own acquisition (`acquisition_nuisance`: illumination, spectral tilt, haze, noise), as real
 patches are, so the mean colour of a patch is a blurred cue and the spatial structure carries the labels.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ import shutil
 import tempfile
 
 import numpy as np
-from rasterio.crs import CRS
 from affine import Affine
+from rasterio.crs import CRS
 
 from jaxgeo.data import bigearthnet as ben
 from jaxgeo.data.geotiff import resize_bilinear, write_geotiff
@@ -31,21 +32,21 @@ _ORIGIN = (399960.0, 5800020.0)  # upper-left of tile T33UUP; patches are cut on
 
 # Surface reflectance per band, ALL_BANDS order: B01 B02 B03 B04 B05 B06 B07 B08 B8A B09 B11 B12.
 _SPECTRA = {
-    "water": (.035, .038, .042, .024, .020, .016, .020, .018, .016, .010, .008, .006),
-    "sea": (.045, .052, .045, .022, .016, .012, .012, .010, .009, .006, .005, .004),
-    "river": (.045, .055, .070, .055, .050, .035, .030, .028, .025, .015, .012, .009),
-    "conifer": (.020, .020, .035, .020, .060, .170, .210, .230, .240, .225, .110, .050),
-    "broadleaf": (.025, .028, .055, .030, .090, .270, .330, .350, .365, .340, .170, .075),
-    "crop_green": (.040, .040, .070, .040, .110, .300, .370, .390, .400, .370, .200, .100),
-    "crop_ripe": (.070, .070, .100, .120, .160, .220, .250, .270, .280, .260, .280, .190),
-    "soil": (.080, .090, .120, .150, .180, .210, .230, .250, .260, .250, .300, .230),
-    "pasture": (.035, .035, .065, .045, .100, .250, .300, .320, .330, .310, .210, .110),
-    "grassland": (.045, .050, .080, .075, .120, .200, .230, .250, .260, .245, .260, .170),
-    "shrub": (.030, .030, .050, .040, .085, .200, .240, .260, .270, .255, .180, .090),
-    "roof": (.090, .100, .110, .120, .130, .150, .160, .170, .175, .165, .200, .180),
-    "bright_roof": (.140, .160, .170, .180, .190, .200, .205, .210, .215, .205, .240, .220),
-    "asphalt": (.060, .065, .070, .075, .080, .085, .090, .095, .095, .090, .110, .100),
-    "sand": (.120, .140, .180, .220, .250, .270, .280, .290, .300, .290, .350, .300),
+  "water": (0.035, 0.038, 0.042, 0.024, 0.020, 0.016, 0.020, 0.018, 0.016, 0.010, 0.008, 0.006),
+  "sea": (0.045, 0.052, 0.045, 0.022, 0.016, 0.012, 0.012, 0.010, 0.009, 0.006, 0.005, 0.004),
+  "river": (0.045, 0.055, 0.070, 0.055, 0.050, 0.035, 0.030, 0.028, 0.025, 0.015, 0.012, 0.009),
+  "conifer": (0.020, 0.020, 0.035, 0.020, 0.060, 0.170, 0.210, 0.230, 0.240, 0.225, 0.110, 0.050),
+  "broadleaf": (0.025, 0.028, 0.055, 0.030, 0.090, 0.270, 0.330, 0.350, 0.365, 0.340, 0.170, 0.075),
+  "crop_green": (0.040, 0.040, 0.070, 0.040, 0.110, 0.300, 0.370, 0.390, 0.400, 0.370, 0.200, 0.100),
+  "crop_ripe": (0.070, 0.070, 0.100, 0.120, 0.160, 0.220, 0.250, 0.270, 0.280, 0.260, 0.280, 0.190),
+  "soil": (0.080, 0.090, 0.120, 0.150, 0.180, 0.210, 0.230, 0.250, 0.260, 0.250, 0.300, 0.230),
+  "pasture": (0.035, 0.035, 0.065, 0.045, 0.100, 0.250, 0.300, 0.320, 0.330, 0.310, 0.210, 0.110),
+  "grassland": (0.045, 0.050, 0.080, 0.075, 0.120, 0.200, 0.230, 0.250, 0.260, 0.245, 0.260, 0.170),
+  "shrub": (0.030, 0.030, 0.050, 0.040, 0.085, 0.200, 0.240, 0.260, 0.270, 0.255, 0.180, 0.090),
+  "roof": (0.090, 0.100, 0.110, 0.120, 0.130, 0.150, 0.160, 0.170, 0.175, 0.165, 0.200, 0.180),
+  "bright_roof": (0.140, 0.160, 0.170, 0.180, 0.190, 0.200, 0.205, 0.210, 0.215, 0.205, 0.240, 0.220),
+  "asphalt": (0.060, 0.065, 0.070, 0.075, 0.080, 0.085, 0.090, 0.095, 0.095, 0.090, 0.110, 0.100),
+  "sand": (0.120, 0.140, 0.180, 0.220, 0.250, 0.270, 0.280, 0.290, 0.300, 0.290, 0.350, 0.300),
 }
 _SPECTRA = {k: np.asarray(v, np.float32) for k, v in _SPECTRA.items()}
 
@@ -79,6 +80,7 @@ def _forest(kind):
       base = _SPECTRA[kind] * np.ones((_SIZE, _SIZE, 1), np.float32)
       texture = crowns(rng, 40, 0.3) if kind == "conifer" else crowns(rng, 14, 0.18)
     return base * np.maximum(texture, 0.2)[..., None]
+
   return render
 
 
@@ -129,19 +131,21 @@ def _dunes(rng):
 
 # theme -> (43-class name in the json, renderer of a full-patch [H, W, 12] reflectance image)
 THEMES = {
-    "water": ("Water bodies", lambda rng: _flat("water", rng, 0.04, 4)),
-    "sea": ("Sea and ocean", lambda rng: _flat("sea", rng, 0.03, 3)),
-    "coniferous": ("Coniferous forest", _forest("conifer")),
-    "broadleaf": ("Broad-leaved forest", _forest("broadleaf")),
-    "mixed_forest": ("Mixed forest", _forest("mixed")),
-    "arable": ("Non-irrigated arable land", _fields),
-    "pasture": ("Pastures", lambda rng: _flat("pasture", rng, 0.1, 10)),
-    "urban": ("Discontinuous urban fabric", lambda rng: _blocks(rng, (8, 16), 2, "roof", 0.3)),
-    "industrial": ("Industrial or commercial units", lambda rng: _blocks(rng, (18, 36), 3, "bright_roof", 0.05)),
-    "grassland": ("Natural grassland", lambda rng: _flat("grassland", rng, 0.15, 14)),
-    "shrub": ("Transitional woodland/shrub",
-              lambda rng: _mix("grassland", "shrub", 1.0 / (1.0 + np.exp(-3.0 * _smooth(rng, 16))))),
-    "sand": ("Beaches, dunes, sands", _dunes),
+  "water": ("Water bodies", lambda rng: _flat("water", rng, 0.04, 4)),
+  "sea": ("Sea and ocean", lambda rng: _flat("sea", rng, 0.03, 3)),
+  "coniferous": ("Coniferous forest", _forest("conifer")),
+  "broadleaf": ("Broad-leaved forest", _forest("broadleaf")),
+  "mixed_forest": ("Mixed forest", _forest("mixed")),
+  "arable": ("Non-irrigated arable land", _fields),
+  "pasture": ("Pastures", lambda rng: _flat("pasture", rng, 0.1, 10)),
+  "urban": ("Discontinuous urban fabric", lambda rng: _blocks(rng, (8, 16), 2, "roof", 0.3)),
+  "industrial": ("Industrial or commercial units", lambda rng: _blocks(rng, (18, 36), 3, "bright_roof", 0.05)),
+  "grassland": ("Natural grassland", lambda rng: _flat("grassland", rng, 0.15, 14)),
+  "shrub": (
+    "Transitional woodland/shrub",
+    lambda rng: _mix("grassland", "shrub", 1.0 / (1.0 + np.exp(-3.0 * _smooth(rng, 16)))),
+  ),
+  "sand": ("Beaches, dunes, sands", _dunes),
 }
 RIVER = "Water courses"
 _MIN_COVER = 0.08  # a theme covering less of a patch than this would be an unfair label, so layouts are redrawn
@@ -179,9 +183,9 @@ def _sample_themes(rng):
 
 
 # Relative strength of path radiance (haze) per band, ALL_BANDS order: Rayleigh-like, strongest in the blue.
-_HAZE_SHAPE = np.asarray((1.0, .85, .65, .45, .38, .32, .28, .25, .23, .2, .1, .06), np.float32)
+_HAZE_SHAPE = np.asarray((1.0, 0.85, 0.65, 0.45, 0.38, 0.32, 0.28, 0.25, 0.23, 0.2, 0.1, 0.06), np.float32)
 # Centre wavelengths (um) in ALL_BANDS order, for the per-acquisition spectral tilt.
-_WAVELENGTH = np.asarray((.443, .490, .560, .665, .705, .740, .783, .842, .865, .945, 1.61, 2.19), np.float32)
+_WAVELENGTH = np.asarray((0.443, 0.490, 0.560, 0.665, 0.705, 0.740, 0.783, 0.842, 0.865, 0.945, 1.61, 2.19), np.float32)
 
 
 def acquisition_nuisance(reflectance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -209,12 +213,15 @@ def _write_patch(patch_dir: str, name: str, reflectance: np.ndarray, ulx: float,
     size = _SIZE // factor
     coarse = reflectance[..., b].reshape(size, factor, size, factor).mean(axis=(1, 3))
     dn = np.clip(np.round(coarse * 10000.0), 1, 20000).astype(np.uint16)
-    write_geotiff(os.path.join(patch_dir, f"{name}_{band}.tif"), dn, crs=_CRS,
-                  transform=Affine(10.0 * factor, 0.0, ulx, 0.0, -10.0 * factor, uly))
+    write_geotiff(
+      os.path.join(patch_dir, f"{name}_{band}.tif"),
+      dn,
+      crs=_CRS,
+      transform=Affine(10.0 * factor, 0.0, ulx, 0.0, -10.0 * factor, uly),
+    )
 
 
-def write_synthetic_bigearthnet(directory: str | os.PathLike, num_patches: int, seed: int = 0
-                                ) -> tuple[str, str]:
+def write_synthetic_bigearthnet(directory: str | os.PathLike, num_patches: int, seed: int = 0) -> tuple[str, str]:
   """Writes (once; later calls with the same arguments reuse it) a BigEarthNet-S2 v1-layout dataset.
 
   Returns (root, metadata_parquet_path). The parquet is in the bigearthnet-gdf-builder format (name,
@@ -248,10 +255,16 @@ def write_synthetic_bigearthnet(directory: str | os.PathLike, num_patches: int, 
       # The acquisition draws from its own stream, so retuning it never reshuffles the scenes.
       _write_patch(patch_dir, name, reflectance, ulx, uly, np.random.default_rng((seed, i)))
       with open(os.path.join(patch_dir, f"{name}_labels_metadata.json"), "w") as f:
-        json.dump({"labels": labels_43, "coordinates": {"ulx": ulx, "uly": uly, "lrx": ulx + 1200.0,
-                                                        "lry": uly - 1200.0},
-                   "projection": projection, "tile_source": _TILE_SOURCE,
-                   "acquisition_date": "2017-06-13 10:10:31"}, f)
+        json.dump(
+          {
+            "labels": labels_43,
+            "coordinates": {"ulx": ulx, "uly": uly, "lrx": ulx + 1200.0, "lry": uly - 1200.0},
+            "projection": projection,
+            "tile_source": _TILE_SOURCE,
+            "acquisition_date": "2017-06-13 10:10:31",
+          },
+          f,
+        )
       rows["name"].append(name)
       rows["original_split"].append(ben.hash_split(name))
       rows["labels"].append(labels_43)

@@ -10,15 +10,16 @@ a jaxgeo run folder or a PyTorch DINO checkpoint (no flag: the config's init, el
 The figure: the true-colour image, then one panel per head and their mean, each map upsampled (nearest) to
 the image and drawn over it.
 """
+
 import functools
 import math
 import os
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import rasterio
+from absl import app, flags
 
 from jaxgeo.data import augment, bigearthnet, geotiff
 from jaxgeo.evaluate import backbone, plots
@@ -36,16 +37,19 @@ def read_patch(path, bands):
     def band(name):
       data = geotiff.read_band(os.path.join(path, f"{patch}_{name}.tif"), expected_dtype=None)
       return geotiff.resize_bilinear(data, (bigearthnet.PATCH_SIZE, bigearthnet.PATCH_SIZE))
+
     reflectance = np.stack([band(b) for b in names], axis=-1)
     picture = np.stack([band(b) for b in bigearthnet.RGB_BANDS], axis=-1) / 2000.0
   else:
     with rasterio.open(path) as src:
       reflectance = np.moveaxis(src.read(), 0, -1).astype(np.float32)
     if reflectance.shape[-1] != len(names):
-      raise ValueError(f"{path}: {reflectance.shape[-1]} bands, but config.data.bands={bands!r} needs "
-                       f"{len(names)} ({', '.join(names)}) in that order")
+      raise ValueError(
+        f"{path}: {reflectance.shape[-1]} bands, but config.data.bands={bands!r} needs "
+        f"{len(names)} ({', '.join(names)}) in that order"
+      )
     rgb_index = [names.index(b) for b in bigearthnet.RGB_BANDS if b in names]
-    picture = (reflectance[..., rgb_index] if len(rgb_index) == 3 else reflectance[..., :1].repeat(3, -1))
+    picture = reflectance[..., rgb_index] if len(rgb_index) == 3 else reflectance[..., :1].repeat(3, -1)
     picture = picture / 2000.0
   image = bigearthnet.scale_reflectance(reflectance, rgb_input)
   return image, np.clip(picture, 0.0, 1.0).astype(np.float32)
@@ -75,8 +79,7 @@ def render(picture, maps, path, title=""):
     ax.imshow(picture, extent=(0, width, height, 0))
     if attention_map is not None:
       # Each head's own range: heads differ in sharpness, and a shared scale would blank the diffuse ones.
-      ax.imshow(attention_map, cmap="inferno", alpha=0.6, interpolation="nearest",
-                extent=(0, width, height, 0))
+      ax.imshow(attention_map, cmap="inferno", alpha=0.6, interpolation="nearest", extent=(0, width, height, 0))
     ax.set_title(name, fontsize=9)
   for ax in axes.flat:
     ax.axis("off")
@@ -106,11 +109,14 @@ def main(argv):
 
 if __name__ == "__main__":
   from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file("config", backbone.default_config_path(),
-                                            "evaluation config (model, data.bands, init, probe.image_size)")
+
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", backbone.default_config_path(), "evaluation config (model, data.bands, init, probe.image_size)"
+  )
   _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "jaxgeo run folder or PyTorch DINO checkpoint")
   _PATCH = flags.DEFINE_string("patch", None, "BigEarthNet patch folder or multi-band GeoTIFF", required=True)
   _OUT = flags.DEFINE_string("out", "attention.png", "output PNG")
   from jaxgeo.logs import quiet_library_logs
+
   quiet_library_logs()
   app.run(main)

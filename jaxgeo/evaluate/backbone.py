@@ -9,6 +9,7 @@ The model is built from config.model (it must match the weights); a jaxgeo run's
 is taken from its params, so a backbone pretrained at 64 px still runs at 224 px (the ViT interpolates, as
 the reference).
 """
+
 import functools
 import os
 
@@ -21,7 +22,7 @@ from jaxgeo.models.vit import from_config as build_backbone
 
 def _pos_grid(params, where):
   tokens = np.shape(params["pos_embed"])[1] - 1
-  grid = int(round(tokens ** 0.5))
+  grid = int(round(tokens**0.5))
   if grid * grid != tokens:
     raise ValueError(f"{where}: pos_embed holds {tokens} patch positions, not a square grid")
   return grid
@@ -48,6 +49,7 @@ def load_backbone(config, in_chans, image_size):
   dummy = jnp.zeros((1, image_size, image_size, in_chans), jnp.float32)
   if workdir:
     from jaxgeo import checkpoint as checkpoints
+
     description = f"jaxgeo run {workdir} ({which})"
     params = checkpoints.load_params(workdir, which)
     if "backbone" not in params:
@@ -56,10 +58,13 @@ def load_backbone(config, in_chans, image_size):
     model = model.clone(pos_grid=_pos_grid(params, description))
     kernel_chans = np.shape(params["patch_embed"]["proj"]["kernel"])[2]
     if kernel_chans != in_chans:
-      raise ValueError(f"{description}: backbone takes {kernel_chans} input bands but config.data.bands gives "
-                       f"{in_chans}; evaluate with the bands it was trained on")
+      raise ValueError(
+        f"{description}: backbone takes {kernel_chans} input bands but config.data.bands gives "
+        f"{in_chans}; evaluate with the bands it was trained on"
+      )
   elif checkpoint:
     from jaxgeo import bridge
+
     description = f"PyTorch checkpoint {os.path.basename(checkpoint)} ({which})"
     target = jax.eval_shape(lambda: _init(model, jax.random.key(0), dummy))["params"]
     params = bridge.load_vit_backbone_params(checkpoint, target, which=which)
@@ -85,5 +90,6 @@ def set_checkpoint(config, checkpoint):
 
 def default_config_path():
   """configs/linear_ben.py of this checkout: model, data and init fields the evaluation commands share."""
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                      "configs", "linear_ben.py")
+  return os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "linear_ben.py"
+  )

@@ -9,6 +9,7 @@ n_last_blocks=1 and no avgpool the feature is the model's own output, the one DI
 Images arrive as the data pipeline yields them (host-scaled, any size) and are resized to `image_size` with
 the deterministic `center_resize`, then normalised with the dataset's per-band mean/std, all inside jit.
 """
+
 import functools
 
 import jax
@@ -30,6 +31,7 @@ def vit_features(model, params, images, *, n_last_blocks=4, avgpool=False):
 @functools.partial(jax.jit, static_argnames=("model", "mean", "std", "image_size", "n_last_blocks", "avgpool"))
 def _preprocessed_features(params, images, *, model, mean, std, image_size, n_last_blocks, avgpool):
   from jaxgeo.data import augment  # device-side preprocessing lives with the augmentations
+
   images = augment.center_resize(jnp.asarray(images, jnp.float32), image_size)
   images = augment.normalize(images, np.asarray(mean, np.float32), np.asarray(std, np.float32))
   return vit_features(model, params, images, n_last_blocks=n_last_blocks, avgpool=avgpool)
@@ -43,9 +45,15 @@ def make_feature_fn(model, *, mean, std, image_size=224, n_last_blocks=4, avgpoo
   again with the same model and settings reuses the compiled program. Bind params with
   functools.partial(fn, params).
   """
-  return functools.partial(_preprocessed_features, model=model, mean=tuple(float(m) for m in mean),
-                           std=tuple(float(s) for s in std), image_size=int(image_size),
-                           n_last_blocks=int(n_last_blocks), avgpool=bool(avgpool))
+  return functools.partial(
+    _preprocessed_features,
+    model=model,
+    mean=tuple(float(m) for m in mean),
+    std=tuple(float(s) for s in std),
+    image_size=int(image_size),
+    n_last_blocks=int(n_last_blocks),
+    avgpool=bool(avgpool),
+  )
 
 
 def _pad_rows(array, rows):
@@ -76,10 +84,11 @@ def extract_features(apply_fn, batches, mesh=None, *, with_index=False):
     if batch_rows is None:
       batch_rows = -(-rows // devices) * devices
     if rows > batch_rows:
-      raise ValueError(f"extract_features: batch of {rows} rows after a first batch of {batch_rows}; "
-                       "batches must not grow (make_iter_dataset yields a fixed size, last one smaller)")
-    padded = {"image": _pad_rows(batch["image"], batch_rows),
-              "valid": _pad_rows(np.ones(rows, bool), batch_rows)}
+      raise ValueError(
+        f"extract_features: batch of {rows} rows after a first batch of {batch_rows}; "
+        "batches must not grow (make_iter_dataset yields a fixed size, last one smaller)"
+      )
+    padded = {"image": _pad_rows(batch["image"], batch_rows), "valid": _pad_rows(np.ones(rows, bool), batch_rows)}
     padded.update({key: _pad_rows(batch[key], batch_rows) for key in keys})
     if mesh is None:
       features.append(jax.device_get(apply_fn(jnp.asarray(padded["image"])))[:rows])
@@ -95,8 +104,10 @@ def extract_features(apply_fn, batches, mesh=None, *, with_index=False):
     for key in keys:
       host[key].append(outputs[key][valid])
   if batch_rows is None:
-    raise ValueError("extract_features: no batches to embed (an empty split, or a split smaller than one batch "
-                     "read with drop_remainder=True)")
+    raise ValueError(
+      "extract_features: no batches to embed (an empty split, or a split smaller than one batch "
+      "read with drop_remainder=True)"
+    )
   result = (np.concatenate(features).astype(np.float32),) + tuple(np.concatenate(host[k]) for k in keys)
   return result
 
@@ -105,5 +116,5 @@ def _gather(tree):
   if jax.process_count() == 1:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
-  return multihost_utils.process_allgather(tree, tiled=True)
 
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -10,14 +10,14 @@ a dense neighbourhood would outrank one in a sparse neighbourhood for every clas
 The similarity matmul runs in JAX, one fixed-size chunk of queries at a time (the last chunk is padded, so
 one compiled program serves all chunks), which keeps the [chunk, num_train] similarity block small.
 """
+
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeo.evaluate import features
-from jaxgeo.evaluate import metrics
+from jaxgeo.evaluate import features, metrics
 
 
 def l2_normalize(features, eps=1e-12):
@@ -32,7 +32,7 @@ def _chunk_scores(queries, train_features, train_targets, k, temperature):
   top_sim, top_idx = jax.lax.top_k(similarity, k)
   # Subtracting the row maximum before exp changes no normalised score and keeps exp finite for tiny T.
   weights = jnp.exp((top_sim - top_sim[:, :1]) / temperature)
-  neighbour_targets = train_targets[top_idx]                      # [chunk, k, C]
+  neighbour_targets = train_targets[top_idx]  # [chunk, k, C]
   votes = jnp.einsum("qk,qkc->qc", weights, neighbour_targets)
   return votes / jnp.sum(weights, axis=-1, keepdims=True)
 
@@ -45,8 +45,9 @@ def _one_hot(labels, num_classes=None):
   return np.eye(num_classes, dtype=np.float32)[labels.astype(np.int64)]
 
 
-def knn_scores(train_features, train_labels, test_features, *, k=20, temperature=0.07, chunk_size=256,
-               num_classes=None):
+def knn_scores(
+  train_features, train_labels, test_features, *, k=20, temperature=0.07, chunk_size=256, num_classes=None
+):
   """Per-class vote scores [num_test, C] (numpy) for every test feature.
 
   `train_labels`: multi-hot [N, C] or class ids [N] (turned into one-hot). k is capped at the number of
@@ -62,23 +63,33 @@ def knn_scores(train_features, train_labels, test_features, *, k=20, temperature
   chunk_size = min(chunk_size, num_test)
   pad = -num_test % chunk_size
   padded = np.concatenate([test_features, np.zeros((pad,) + test_features.shape[1:], np.float32)])
-  chunks = [_chunk_scores(padded[i:i + chunk_size], train_features, train_targets, k,
-                          jnp.float32(temperature))
-            for i in range(0, len(padded), chunk_size)]
+  chunks = [
+    _chunk_scores(padded[i : i + chunk_size], train_features, train_targets, k, jnp.float32(temperature))
+    for i in range(0, len(padded), chunk_size)
+  ]
   return np.asarray(jnp.concatenate(chunks))[:num_test]
 
 
-def knn_evaluate(train_features, train_labels, test_features, test_labels, *, k=20, temperature=0.07,
-                 multilabel=True, chunk_size=256):
+def knn_evaluate(
+  train_features, train_labels, test_features, test_labels, *, k=20, temperature=0.07, multilabel=True, chunk_size=256
+):
   """{"knn_ap_macro", "knn_ap_micro"} (multi-label) or {"knn_top1"} (single-label, labels ids or one-hot)."""
   if multilabel:
-    scores = knn_scores(train_features, train_labels, test_features, k=k, temperature=temperature,
-                        chunk_size=chunk_size)
+    scores = knn_scores(
+      train_features, train_labels, test_features, k=k, temperature=temperature, chunk_size=chunk_size
+    )
     result = metrics.average_precision(test_labels, scores)
     return {"knn_ap_macro": result["ap_macro"], "knn_ap_micro": result["ap_micro"]}
   num_classes = max(int(metrics.class_ids(train_labels).max()), int(metrics.class_ids(test_labels).max())) + 1
-  scores = knn_scores(train_features, metrics.class_ids(train_labels), test_features, k=k,
-                      temperature=temperature, chunk_size=chunk_size, num_classes=num_classes)
+  scores = knn_scores(
+    train_features,
+    metrics.class_ids(train_labels),
+    test_features,
+    k=k,
+    temperature=temperature,
+    chunk_size=chunk_size,
+    num_classes=num_classes,
+  )
   return {"knn_top1": metrics.accuracy(test_labels, scores)}
 
 
@@ -97,5 +108,6 @@ def knn_monitor(embed_fn, train_batches, test_batches, *, mesh=None, k=20, tempe
   """
   train_features, train_labels = features.extract_features(embed_fn, train_batches, mesh)
   test_features, test_labels = features.extract_features(embed_fn, test_batches, mesh)
-  return knn_evaluate(train_features, train_labels, test_features, test_labels, k=k,
-                      temperature=temperature, multilabel=multilabel)
+  return knn_evaluate(
+    train_features, train_labels, test_features, test_labels, k=k, temperature=temperature, multilabel=multilabel
+  )

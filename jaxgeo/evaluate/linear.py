@@ -27,15 +27,16 @@ cache_features=False for comparison with the reference protocol.
 Writes to <workdir>: linear_probe.json (all numbers), per_class_ap.png, and predictions_{validation,test}.npz
 (scores, labels, index, class_names) so anyone can recompute AP, e.g. with scikit-learn.
 """
+
 import json
 import math
 import os
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from jaxgeo import parallel
 from jaxgeo.evaluate import backbone, features, plots, probe
@@ -61,19 +62,29 @@ def probe_config(**overrides):
 
 def data_info(data_config):
   from jaxgeo.data import bigearthnet
+
   mean, std = bigearthnet.normalization_stats(data_config.bands)
   return mean, std, list(bigearthnet.CLASSES_19)
 
 
 def split_batches(config, split, *, shuffle=False, seed=0):
   from jaxgeo import data
+
   source = data.build_source(config.data, split)
   per_process = max(config.probe.feature_batch_size // jax.process_count(), 1)
   return data.make_iter_dataset(
-      source, batch_size_per_process=per_process, seed=seed, num_epochs=1, shuffle=shuffle,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=config.data.worker_count, prefetch=config.data.prefetch,
-      on_bad_sample=config.data.on_bad_sample, drop_remainder=shuffle), len(source)
+    source,
+    batch_size_per_process=per_process,
+    seed=seed,
+    num_epochs=1,
+    shuffle=shuffle,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    worker_count=config.data.worker_count,
+    prefetch=config.data.prefetch,
+    on_bad_sample=config.data.on_bad_sample,
+    drop_remainder=shuffle,
+  ), len(source)
 
 
 def split_features(config, feature_fn, params, split, mesh, cache_dir=None, cache_key=""):
@@ -88,8 +99,7 @@ def split_features(config, feature_fn, params, split, mesh, cache_dir=None, cach
       return cached["features"], cached["labels"], cached["index"]
     logging.info("%s was computed for %s; recomputing for %s", path, cached["key"], cache_key)
   batches, _ = split_batches(config, split)
-  result = features.extract_features(lambda images: feature_fn(params, images), batches, mesh,
-                                     with_index=True)
+  result = features.extract_features(lambda images: feature_fn(params, images), batches, mesh, with_index=True)
   if path and jax.process_index() == 0:
     os.makedirs(cache_dir, exist_ok=True)
     np.savez(path, features=result[0], labels=result[1], index=result[2], key=cache_key)
@@ -99,16 +109,30 @@ def split_features(config, feature_fn, params, split, mesh, cache_dir=None, cach
 def _train_on_the_fly(config, model, params, mean, std, mesh, val):
   """The reference protocol: every epoch, fresh RandomResizedCrop + flip views through the frozen backbone."""
   from jaxgeo.data import augment
+
   p = config.probe
-  aug = ml_collections.ConfigDict(dict(
-      global_size=p.image_size, local_size=p.image_size, local_crops_number=0, global_scale=tuple(p.aug_scale),
-      local_scale=tuple(p.aug_scale), ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.0, 0.0, 0.0, 0.0),
-      jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), blur_sigma=(0.1, 2.0), solarize_p=0.0,
-      solarize_threshold=0.5))
+  aug = ml_collections.ConfigDict(
+    dict(
+      global_size=p.image_size,
+      local_size=p.image_size,
+      local_crops_number=0,
+      global_scale=tuple(p.aug_scale),
+      local_scale=tuple(p.aug_scale),
+      ratio=(3 / 4, 4 / 3),
+      flip_p=0.5,
+      jitter=(0.0, 0.0, 0.0, 0.0),
+      jitter_p=0.0,
+      grayscale_p=0.0,
+      blur_p=(0.0, 0.0, 0.0),
+      blur_sigma=(0.1, 2.0),
+      solarize_p=0.0,
+      solarize_threshold=0.5,
+    )
+  )
 
   @jax.jit
   def augmented_features(params, rng, images):
-    crops, _ = augment.multicrop(rng, images, aug, mean, std)   # first global view = RRC + flip only
+    crops, _ = augment.multicrop(rng, images, aug, mean, std)  # first global view = RRC + flip only
     return features.vit_features(model, params, crops[0], n_last_blocks=p.n_last_blocks, avgpool=p.avgpool)
 
   _, num_train = split_batches(config, "train")
@@ -123,11 +147,14 @@ def _train_on_the_fly(config, model, params, mean, std, mesh, val):
     for i, batch in enumerate(batches):
       batch_rng = jax.random.fold_in(rng, epoch * 1_000_003 + i)
       feats, labels = features.extract_features(
-          lambda images: augmented_features(params, batch_rng, images), [batch], mesh)
+        lambda images, batch_rng=batch_rng: augmented_features(params, batch_rng, images), [batch], mesh
+      )
       if heads is None:
         if labels.ndim != 2:
-          raise ValueError("linear probe with cache_features=False needs multi-hot or one-hot labels [B, C] "
-                           f"(the class count must be known from the first batch), got shape {labels.shape}")
+          raise ValueError(
+            "linear probe with cache_features=False needs multi-hot or one-hot labels [B, C] "
+            f"(the class count must be known from the first batch), got shape {labels.shape}"
+          )
         heads = probe.init_heads(init_rng, len(p.lrs), feats.shape[1], labels.shape[1])
         opt_state = jax.vmap(tx.init)(heads)
       labels = jnp.asarray(probe.prepare_labels(labels, p.multilabel))
@@ -142,10 +169,13 @@ def _jsonable(value):
   if isinstance(value, dict):
     return {k: _jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple, np.ndarray)):
-    return [_jsonable(v) for v in np.asarray(value).tolist()] if isinstance(value, np.ndarray) else [
-        _jsonable(v) for v in value]
+    return (
+      [_jsonable(v) for v in np.asarray(value).tolist()]
+      if isinstance(value, np.ndarray)
+      else [_jsonable(v) for v in value]
+    )
   if isinstance(value, (float, np.floating)):
-    return None if not math.isfinite(float(value)) else float(value)   # strict JSON has no NaN
+    return None if not math.isfinite(float(value)) else float(value)  # strict JSON has no NaN
   if isinstance(value, np.integer):
     return int(value)
   return value
@@ -157,8 +187,12 @@ def report(best, splits, class_names, multilabel, out_dir, extra=None):
   Returns the results dict that also goes to <out_dir>/linear_probe.json.
   """
   head = jax.tree.map(lambda x: jnp.asarray(x)[None], best["head"])
-  results = dict(extra or {}, selected={"lr": best["lr"], "epoch": best["epoch"], "val_selection": best["value"]},
-                 history=best["history"], class_names=class_names)
+  results = dict(
+    extra or {},
+    selected={"lr": best["lr"], "epoch": best["epoch"], "val_selection": best["value"]},
+    history=best["history"],
+    class_names=class_names,
+  )
   os.makedirs(out_dir, exist_ok=True)
   for name, (feats, labels, index) in splits.items():
     scores = probe.predict(head, feats, multilabel)[0]
@@ -168,13 +202,22 @@ def report(best, splits, class_names, multilabel, out_dir, extra=None):
       numbers["ap_per_class"] = dict(zip(class_names, numbers["ap_per_class"]))
     numbers["num_samples"] = len(labels)
     results[name] = numbers
-    np.savez(os.path.join(out_dir, f"predictions_{name}.npz"), scores=scores, labels=labels, index=index,
-             class_names=np.asarray(class_names))
+    np.savez(
+      os.path.join(out_dir, f"predictions_{name}.npz"),
+      scores=scores,
+      labels=labels,
+      index=index,
+      class_names=np.asarray(class_names),
+    )
   if multilabel and "test" in results:
     test = results["test"]
-    plots.per_class_ap_chart(list(test["ap_per_class"]), list(test["ap_per_class"].values()),
-                             test["ap_macro"], os.path.join(out_dir, "per_class_ap.png"),
-                             title=f"Linear probe, test AP ({(extra or {}).get('backbone', '')})")
+    plots.per_class_ap_chart(
+      list(test["ap_per_class"]),
+      list(test["ap_per_class"].values()),
+      test["ap_macro"],
+      os.path.join(out_dir, "per_class_ap.png"),
+      title=f"Linear probe, test AP ({(extra or {}).get('backbone', '')})",
+    )
   with open(os.path.join(out_dir, "linear_probe.json"), "w") as f:
     json.dump(_jsonable(results), f, indent=2)
   return results
@@ -186,30 +229,57 @@ def probe_backbone(config, model, params, description, out_dir, mesh=None):
   mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
   mean, std, class_names = data_info(config.data)
   params = jax.device_put(params, parallel.replicated(mesh))
-  feature_fn = features.make_feature_fn(model, mean=mean, std=std, image_size=p.image_size,
-                                        n_last_blocks=p.n_last_blocks, avgpool=p.avgpool)
+  feature_fn = features.make_feature_fn(
+    model, mean=mean, std=std, image_size=p.image_size, n_last_blocks=p.n_last_blocks, avgpool=p.avgpool
+  )
   cache_dir = os.path.join(out_dir, "features")
-  cache_key = (f"{description}; bands={config.data.bands}; image_size={p.image_size}; "
-               f"n_last_blocks={p.n_last_blocks}; avgpool={p.avgpool}; data={config.data.root}")
-  splits = {split: split_features(config, feature_fn, params, split, mesh, cache_dir, cache_key)
-            for split in (("train",) if p.cache_features else ()) + ("validation", "test")}
+  cache_key = (
+    f"{description}; bands={config.data.bands}; image_size={p.image_size}; "
+    f"n_last_blocks={p.n_last_blocks}; avgpool={p.avgpool}; data={config.data.root}"
+  )
+  splits = {
+    split: split_features(config, feature_fn, params, split, mesh, cache_dir, cache_key)
+    for split in (("train",) if p.cache_features else ()) + ("validation", "test")
+  }
   logging.info("linear probe: features %s from %s", {k: v[0].shape for k, v in splits.items()}, description)
   if p.cache_features:
     (train_x, train_y, _), (val_x, val_y, _) = splits["train"], splits["validation"]
-    best = probe.train_probe(train_x, train_y, val_x, val_y, multilabel=p.multilabel, lrs=tuple(p.lrs),
-                             epochs=p.epochs, batch_size=p.batch_size, eval_every=p.eval_every,
-                             seed=config.seed, weight_decay=p.weight_decay)
+    best = probe.train_probe(
+      train_x,
+      train_y,
+      val_x,
+      val_y,
+      multilabel=p.multilabel,
+      lrs=tuple(p.lrs),
+      epochs=p.epochs,
+      batch_size=p.batch_size,
+      eval_every=p.eval_every,
+      seed=config.seed,
+      weight_decay=p.weight_decay,
+    )
   else:
     best = _train_on_the_fly(config, model, params, mean, std, mesh, splits["validation"])
-  extra = {"backbone": description,
-           "feature": {"n_last_blocks": p.n_last_blocks, "avgpool": p.avgpool, "image_size": p.image_size,
-                       "dim": int(splits["test"][0].shape[1]), "cached": p.cache_features}}
-  results = report(best, {k: splits[k] for k in ("validation", "test")}, class_names, p.multilabel,
-                   out_dir, extra)
+  extra = {
+    "backbone": description,
+    "feature": {
+      "n_last_blocks": p.n_last_blocks,
+      "avgpool": p.avgpool,
+      "image_size": p.image_size,
+      "dim": int(splits["test"][0].shape[1]),
+      "cached": p.cache_features,
+    },
+  }
+  results = report(best, {k: splits[k] for k in ("validation", "test")}, class_names, p.multilabel, out_dir, extra)
   test = results["test"]
   if p.multilabel:
-    logging.info("linear probe (%s): test AP macro %.4f micro %.4f (lr %g, epoch %d)", description,
-                 test["ap_macro"], test["ap_micro"], best["lr"], best["epoch"])
+    logging.info(
+      "linear probe (%s): test AP macro %.4f micro %.4f (lr %g, epoch %d)",
+      description,
+      test["ap_macro"],
+      test["ap_micro"],
+      best["lr"],
+      best["epoch"],
+    )
   else:
     logging.info("linear probe (%s): test accuracy %.4f", description, test["accuracy"])
   return results
@@ -218,6 +288,7 @@ def probe_backbone(config, model, params, description, out_dir, mesh=None):
 def run_linear_probe(config, workdir):
   """Entry for config.method == "linear": backbone from config.init, results under workdir."""
   from jaxgeo.data import bigearthnet
+
   in_chans = len(bigearthnet.resolve_bands(config.data.bands))
   model, params, description = backbone.load_backbone(config, in_chans, config.probe.image_size)
   return probe_backbone(config, model, params, description, workdir)
@@ -232,26 +303,51 @@ def compare_with_random_init(config, workdir, task, state, mesh):
   """
   del task  # the backbone is rebuilt from config.model, the same way evaluate/backbone.py builds it
   from jaxgeo.data import bigearthnet
+
   size = config.aug.global_size
   pretrained_model = backbone.build_backbone(config.model, size, train_student=False)
   depth = sum(1 for k in state["teacher"]["backbone"] if k.startswith("blocks_"))
-  probe_settings = (config.probe if "probe" in config else
-                    probe_config(image_size=size, n_last_blocks=min(4, depth), epochs=30, batch_size=128,
-                                 feature_batch_size=config.train.global_batch_size))
-  eval_config = ml_collections.ConfigDict({"seed": config.seed, "data": config.data.to_dict(),
-                                           "mesh": config.mesh.to_dict(), "probe": probe_settings.to_dict(),
-                                           "model": config.model.to_dict(), "init": {}})
+  probe_settings = (
+    config.probe
+    if "probe" in config
+    else probe_config(
+      image_size=size,
+      n_last_blocks=min(4, depth),
+      epochs=30,
+      batch_size=128,
+      feature_batch_size=config.train.global_batch_size,
+    )
+  )
+  eval_config = ml_collections.ConfigDict(
+    {
+      "seed": config.seed,
+      "data": config.data.to_dict(),
+      "mesh": config.mesh.to_dict(),
+      "probe": probe_settings.to_dict(),
+      "model": config.model.to_dict(),
+      "init": {},
+    }
+  )
   in_chans = len(bigearthnet.resolve_bands(config.data.bands))
   random_model, random_params, _ = backbone.load_backbone(eval_config, in_chans, size)
   rows = {
-      "pretrained": probe_backbone(eval_config, pretrained_model, state["teacher"]["backbone"],
-                                   f"pretrained teacher, step {int(state['step'])}",
-                                   os.path.join(workdir, "probe_pretrained"), mesh),
-      "random init": probe_backbone(eval_config, random_model, random_params, "random init",
-                                    os.path.join(workdir, "probe_random_init"), mesh)}
+    "pretrained": probe_backbone(
+      eval_config,
+      pretrained_model,
+      state["teacher"]["backbone"],
+      f"pretrained teacher, step {int(state['step'])}",
+      os.path.join(workdir, "probe_pretrained"),
+      mesh,
+    ),
+    "random init": probe_backbone(
+      eval_config, random_model, random_params, "random init", os.path.join(workdir, "probe_random_init"), mesh
+    ),
+  }
   key = "ap_macro" if probe_settings.multilabel else "accuracy"
-  lines = [f"linear probe on the held-out test split ({rows['pretrained']['test']['num_samples']} patches, "
-           f"{'synthetic' if config.data.root is None else config.data.root}): test {key}"]
+  lines = [
+    f"linear probe on the held-out test split ({rows['pretrained']['test']['num_samples']} patches, "
+    f"{'synthetic' if config.data.root is None else config.data.root}): test {key}"
+  ]
   lines += [f"  {name:<12} {row['test'][key]:.4f}" for name, row in rows.items()]
   if jax.process_index() == 0:
     print("\n".join(lines))

@@ -11,6 +11,7 @@ the macro mean (the macro mean is over classes with at least one positive; NaN i
 flattens all (sample, class) pairs into one binary problem, as scikit-learn's average="micro", and is
 therefore identical to it (NaN instead of 0.0 only when there is no positive at all).
 """
+
 import numpy as np
 
 
@@ -20,8 +21,10 @@ def _as_2d(labels, scores):
   if labels.ndim == 1:
     labels, scores = labels[:, None], scores[:, None]
   if labels.shape != scores.shape or labels.ndim != 2:
-    raise ValueError(f"average precision: labels {labels.shape} and scores {scores.shape} must both be "
-                     "[num_samples, num_classes] (or both [num_samples])")
+    raise ValueError(
+      f"average precision: labels {labels.shape} and scores {scores.shape} must both be "
+      "[num_samples, num_classes] (or both [num_samples])"
+    )
   return labels > 0.5, scores
 
 
@@ -67,8 +70,7 @@ def average_precision(labels, scores):
   scored = ~np.isnan(per_class)
   macro = float(np.mean(per_class[scored])) if scored.any() else float("nan")
   micro = float(per_class_average_precision(positives.reshape(-1), scores.reshape(-1))[0])
-  return {"ap_macro": macro, "ap_micro": micro, "ap_per_class": per_class,
-          "num_classes_scored": int(scored.sum())}
+  return {"ap_macro": macro, "ap_micro": micro, "ap_per_class": per_class, "num_classes_scored": int(scored.sum())}
 
 
 def class_ids(labels):

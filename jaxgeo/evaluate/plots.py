@@ -1,4 +1,5 @@
 """Figures of the evaluation commands, drawn with matplotlib's Agg backend (no display needed)."""
+
 import os
 
 import matplotlib
@@ -18,8 +19,9 @@ def per_class_ap_chart(class_names, ap_per_class, ap_macro, path, title="Per-cla
   rows = np.arange(len(values))
   ax.barh(rows, np.nan_to_num(values), color="tab:blue")
   for row, value in zip(rows, values):
-    ax.text(min(np.nan_to_num(value), 1.0) + 0.01, row, "n/a" if np.isnan(value) else f"{value:.3f}",
-            va="center", fontsize=8)
+    ax.text(
+      min(np.nan_to_num(value), 1.0) + 0.01, row, "n/a" if np.isnan(value) else f"{value:.3f}", va="center", fontsize=8
+    )
   if ap_macro is not None and np.isfinite(ap_macro):
     ax.axvline(ap_macro, color="tab:red", linestyle="--", label=f"macro AP {ap_macro:.3f}")
     ax.legend(loc="lower right", fontsize=8)
@@ -36,4 +38,4 @@ def per_class_ap_chart(class_names, ap_per_class, ap_macro, path, title="Per-cla
 
 
 def _wrap(name, width=48):
-  return name if len(name) <= width else name[:width - 1] + "…"
+  return name if len(name) <= width else name[: width - 1] + "…"

@@ -9,6 +9,7 @@ update by each head's lr gives exactly what separate runs would give. So the who
 Multi-label heads use sigmoid binary cross-entropy (mean over classes and samples) and are selected on
 validation macro AP; single-label heads use softmax cross-entropy and are selected on accuracy.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,8 +61,7 @@ def make_step(tx, lrs, multilabel, weight_decay=0.0):
     return head, opt_state, loss
 
   def step(heads, opt_state, all_features, all_labels, rows):
-    return jax.vmap(one, in_axes=(0, 0, 0, None, None))(heads, opt_state, lrs, all_features[rows],
-                                                         all_labels[rows])
+    return jax.vmap(one, in_axes=(0, 0, 0, None, None))(heads, opt_state, lrs, all_features[rows], all_labels[rows])
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -84,8 +84,10 @@ _all_head_scores = jax.jit(jax.vmap(head_scores, in_axes=(0, None, None)), stati
 
 def predict(heads, features, multilabel, batch_size=8192):
   """Scores [L, N, C] (numpy) of every head, in batches to bound device memory."""
-  chunks = [_all_head_scores(heads, jnp.asarray(features[i:i + batch_size]), multilabel)
-            for i in range(0, len(features), batch_size)]
+  chunks = [
+    _all_head_scores(heads, jnp.asarray(features[i : i + batch_size]), multilabel)
+    for i in range(0, len(features), batch_size)
+  ]
   return np.concatenate([np.asarray(c) for c in chunks], axis=1)
 
 
@@ -97,14 +99,26 @@ def select(heads, val_features, val_labels, multilabel, best, epoch, lrs):
   finite = [v if np.isfinite(v) else -np.inf for v in values]
   index = int(np.argmax(finite))
   if best.get("value") is None or finite[index] > best["value"]:
-    best.update(value=finite[index], lr=float(lrs[index]), epoch=epoch,
-                head=jax.tree.map(lambda x: np.asarray(x[index]), heads))
+    best.update(
+      value=finite[index], lr=float(lrs[index]), epoch=epoch, head=jax.tree.map(lambda x: np.asarray(x[index]), heads)
+    )
   return history
 
 
-def train_probe(train_features, train_labels, val_features, val_labels, *, multilabel=True,
-                lrs=(1e-3, 1e-2, 1e-1, 1.0), epochs=100, batch_size=1024, eval_every=5, seed=0,
-                weight_decay=0.0):
+def train_probe(
+  train_features,
+  train_labels,
+  val_features,
+  val_labels,
+  *,
+  multilabel=True,
+  lrs=(1e-3, 1e-2, 1e-1, 1.0),
+  epochs=100,
+  batch_size=1024,
+  eval_every=5,
+  seed=0,
+  weight_decay=0.0,
+):
   """Trains one head per lr on cached features; returns the best (lr, epoch) on validation.
 
   Returns {"head": {"kernel" [D, C], "bias" [C]} (numpy), "lr", "epoch", "value" (validation selection
@@ -113,8 +127,9 @@ def train_probe(train_features, train_labels, val_features, val_labels, *, multi
   train_features = jnp.asarray(train_features, jnp.float32)
   train_labels = jnp.asarray(prepare_labels(train_labels, multilabel))
   num_train, dim = train_features.shape
-  num_classes = (train_labels.shape[1] if multilabel
-                 else int(max(train_labels.max(), metrics.class_ids(val_labels).max())) + 1)
+  num_classes = (
+    train_labels.shape[1] if multilabel else int(max(train_labels.max(), metrics.class_ids(val_labels).max())) + 1
+  )
   batch_size = min(int(batch_size), num_train)
   steps_per_epoch = max(num_train // batch_size, 1)
   tx = make_tx(epochs * steps_per_epoch)
@@ -127,7 +142,7 @@ def train_probe(train_features, train_labels, val_features, val_labels, *, multi
   for epoch in range(1, epochs + 1):
     order = jax.random.permutation(jax.random.fold_in(shuffle_rng, epoch), num_train)
     for i in range(steps_per_epoch):
-      rows = order[i * batch_size:(i + 1) * batch_size]
+      rows = order[i * batch_size : (i + 1) * batch_size]
       heads, opt_state, _ = step(heads, opt_state, train_features, train_labels, rows)
     if epoch % eval_every == 0 or epoch == epochs:
       history.append(select(heads, val_features, val_labels, multilabel, best, epoch, lrs))

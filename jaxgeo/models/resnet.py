@@ -15,6 +15,7 @@ the optimizer must still leave its params alone (weight decay would move them), 
     labels = adapter_param_labels(params)  # "frozen" under adapter_*, "trainable" elsewhere
     tx = optax.multi_transform({"trainable": optax.adamw(1e-3), "frozen": optax.set_to_zero()}, labels)
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
@@ -32,94 +33,108 @@ _linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def _batch_norm(name, train, dtype):
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
+  return nn.BatchNorm(
+    use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name
+  )
 
 
 def _conv(features, kernel, stride, padding, name, dtype):
-    return nn.Conv(features, (kernel, kernel), strides=stride, padding=padding, use_bias=False,
-                   kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=stride,
+    padding=padding,
+    use_bias=False,
+    kernel_init=_conv_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 class Bottleneck(nn.Module):
-    planes: int
-    stride: int = 1
-    dtype: Any = jnp.float32
+  planes: int
+  stride: int = 1
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, train: bool):
-        out_features = self.planes * 4
-        out = _conv(self.planes, 1, 1, "VALID", "conv1", self.dtype)(x)
-        out = nn.relu(_batch_norm("bn1", train, self.dtype)(out))
-        out = _conv(self.planes, 3, self.stride, ((1, 1), (1, 1)), "conv2", self.dtype)(out)
-        out = nn.relu(_batch_norm("bn2", train, self.dtype)(out))
-        out = _conv(out_features, 1, 1, "VALID", "conv3", self.dtype)(out)
-        out = _batch_norm("bn3", train, self.dtype)(out)
-        if self.stride != 1 or x.shape[-1] != out_features:
-            x = _conv(out_features, 1, self.stride, "VALID", "downsample_conv", self.dtype)(x)
-            x = _batch_norm("downsample_bn", train, self.dtype)(x)
-        return nn.relu(out + x)
+  @nn.compact
+  def __call__(self, x, train: bool):
+    out_features = self.planes * 4
+    out = _conv(self.planes, 1, 1, "VALID", "conv1", self.dtype)(x)
+    out = nn.relu(_batch_norm("bn1", train, self.dtype)(out))
+    out = _conv(self.planes, 3, self.stride, ((1, 1), (1, 1)), "conv2", self.dtype)(out)
+    out = nn.relu(_batch_norm("bn2", train, self.dtype)(out))
+    out = _conv(out_features, 1, 1, "VALID", "conv3", self.dtype)(out)
+    out = _batch_norm("bn3", train, self.dtype)(out)
+    if self.stride != 1 or x.shape[-1] != out_features:
+      x = _conv(out_features, 1, self.stride, "VALID", "downsample_conv", self.dtype)(x)
+      x = _batch_norm("downsample_bn", train, self.dtype)(x)
+    return nn.relu(out + x)
 
 
 class ResNet50(nn.Module):
-    """NHWC images -> pooled features [B, 2048] (no head) or logits/embeddings (with fc), float32.
+  """NHWC images -> pooled features [B, 2048] (no head) or logits/embeddings (with fc), float32.
 
-    head: None (no fc), "linear" (fc, torchvision) or "mlp" (fc_0 -> ReLU -> fc_1, MoCo v2's projector).
-    """
-    num_classes: Optional[int] = None  # output size of the fc head; required unless head is None
-    head: Optional[str] = None
-    mlp_hidden: int = 2048
-    stages: Sequence[int] = RESNET50_STAGES
-    band_adapter: bool = False
-    freeze_adapter: bool = False
-    dtype: Any = jnp.float32
+  head: None (no fc), "linear" (fc, torchvision) or "mlp" (fc_0 -> ReLU -> fc_1, MoCo v2's projector).
+  """
 
-    @nn.compact
-    def __call__(self, images, train: bool = False, return_features: bool = False):
-        """With return_features=True returns (output, {"stem", "layer1".."layer4", "pooled"})."""
-        if images.ndim != 4:
-            raise ValueError(f"resnet.py: images must be [B, H, W, C], got shape {images.shape}")
-        x = images.astype(self.dtype)
-        if self.band_adapter:
-            adapter_train = train and not self.freeze_adapter
-            x = _conv(3, 1, 1, "VALID", "adapter_conv", self.dtype)(x)
-            x = nn.relu(_batch_norm("adapter_bn", adapter_train, self.dtype)(x))
-            if self.freeze_adapter:
-                x = jax.lax.stop_gradient(x)
-        x = _conv(64, 7, 2, ((3, 3), (3, 3)), "conv1", self.dtype)(x)
-        x = nn.relu(_batch_norm("bn1", train, self.dtype)(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # flax pads max_pool with -inf
-        features = {"stem": x}
-        for stage, (blocks, planes) in enumerate(zip(self.stages, (64, 128, 256, 512)), start=1):
-            for index in range(blocks):
-                stride = 2 if stage > 1 and index == 0 else 1
-                x = Bottleneck(planes, stride, self.dtype, name=f"layer{stage}_{index}")(x, train)
-            features[f"layer{stage}"] = x
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        features["pooled"] = pooled
-        out = pooled
-        if self.head is not None:
-            if self.num_classes is None:
-                raise ValueError(f"resnet.py: head={self.head!r} needs num_classes")
-            dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32,
-                                             kernel_init=_linear_init, name=name)
-            if self.head == "linear":
-                out = dense(self.num_classes, "fc")(pooled)
-            elif self.head == "mlp":
-                out = dense(self.num_classes, "fc_1")(nn.relu(dense(self.mlp_hidden, "fc_0")(pooled)))
-            else:
-                raise ValueError(f"resnet.py: head must be None, 'linear' or 'mlp', got {self.head!r}")
-            out = out.astype(jnp.float32)
-        return (out, features) if return_features else out
+  num_classes: Optional[int] = None  # output size of the fc head; required unless head is None
+  head: Optional[str] = None
+  mlp_hidden: int = 2048
+  stages: Sequence[int] = RESNET50_STAGES
+  band_adapter: bool = False
+  freeze_adapter: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False, return_features: bool = False):
+    """With return_features=True returns (output, {"stem", "layer1".."layer4", "pooled"})."""
+    if images.ndim != 4:
+      raise ValueError(f"resnet.py: images must be [B, H, W, C], got shape {images.shape}")
+    x = images.astype(self.dtype)
+    if self.band_adapter:
+      adapter_train = train and not self.freeze_adapter
+      x = _conv(3, 1, 1, "VALID", "adapter_conv", self.dtype)(x)
+      x = nn.relu(_batch_norm("adapter_bn", adapter_train, self.dtype)(x))
+      if self.freeze_adapter:
+        x = jax.lax.stop_gradient(x)
+    x = _conv(64, 7, 2, ((3, 3), (3, 3)), "conv1", self.dtype)(x)
+    x = nn.relu(_batch_norm("bn1", train, self.dtype)(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # flax pads max_pool with -inf
+    features = {"stem": x}
+    for stage, (blocks, planes) in enumerate(zip(self.stages, (64, 128, 256, 512)), start=1):
+      for index in range(blocks):
+        stride = 2 if stage > 1 and index == 0 else 1
+        x = Bottleneck(planes, stride, self.dtype, name=f"layer{stage}_{index}")(x, train)
+      features[f"layer{stage}"] = x
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    features["pooled"] = pooled
+    out = pooled
+    if self.head is not None:
+      if self.num_classes is None:
+        raise ValueError(f"resnet.py: head={self.head!r} needs num_classes")
+      dense = lambda n, name: nn.Dense(
+        n, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_linear_init, name=name
+      )
+      if self.head == "linear":
+        out = dense(self.num_classes, "fc")(pooled)
+      elif self.head == "mlp":
+        out = dense(self.num_classes, "fc_1")(nn.relu(dense(self.mlp_hidden, "fc_0")(pooled)))
+      else:
+        raise ValueError(f"resnet.py: head must be None, 'linear' or 'mlp', got {self.head!r}")
+      out = out.astype(jnp.float32)
+    return (out, features) if return_features else out
 
 
 def resnet50(**overrides) -> ResNet50:
-    return ResNet50(**overrides)
+  return ResNet50(**overrides)
 
 
 def adapter_param_labels(params, frozen: str = "frozen", trainable: str = "trainable"):
-    """Per-leaf labels for optax.multi_transform: `frozen` for the band adapter's params, else `trainable`."""
-    def label(path, _):
-        top = getattr(path[0], "key", None)
-        return frozen if isinstance(top, str) and top.startswith("adapter_") else trainable
-    return jax.tree_util.tree_map_with_path(label, params)
+  """Per-leaf labels for optax.multi_transform: `frozen` for the band adapter's params, else `trainable`."""
+
+  def label(path, _):
+    top = getattr(path[0], "key", None)
+    return frozen if isinstance(top, str) and top.startswith("adapter_") else trainable
+
+  return jax.tree_util.tree_map_with_path(label, params)

@@ -4,6 +4,7 @@ Outputs are crop-major: student [n_crops, B, K] (2 global crops first, then the 
 [2, B, K]. With global jax.Arrays the batch means below already run over every device, which is exactly the
 reference's all_reduce of the centre.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -27,8 +28,7 @@ def dino_loss(student_out, teacher_out, center, *, student_temp, teacher_temp):
 
 def update_center(center, teacher_out, momentum):
   """EMA of the teacher's mean output over every crop and sample on every device."""
-  batch_center = jnp.mean(teacher_out.astype(jnp.float32).reshape(-1, teacher_out.shape[-1]), axis=0,
-                          keepdims=True)
+  batch_center = jnp.mean(teacher_out.astype(jnp.float32).reshape(-1, teacher_out.shape[-1]), axis=0, keepdims=True)
   return center * momentum + batch_center * (1.0 - momentum)
 
 

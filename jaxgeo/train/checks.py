@@ -2,6 +2,7 @@
 
 Every message says what is wrong and what to change.
 """
+
 import os
 import shutil
 import uuid
@@ -17,11 +18,12 @@ def check_config(config, *, device_count, process_count):
   config_utils.check_choice("train.on_nonfinite", config.train.on_nonfinite, ("error", "skip"))
   batch = config.train.global_batch_size
   if batch <= 0 or batch % device_count:
-    raise ValueError(f"config.train.global_batch_size={batch} must be a positive multiple of the "
-                     f"{device_count} devices; try {max(1, round(batch / device_count)) * device_count}")
+    raise ValueError(
+      f"config.train.global_batch_size={batch} must be a positive multiple of the "
+      f"{device_count} devices; try {max(1, round(batch / device_count)) * device_count}"
+    )
   if batch % process_count:
-    raise ValueError(f"config.train.global_batch_size={batch} must split evenly over {process_count} "
-                     "processes")
+    raise ValueError(f"config.train.global_batch_size={batch} must split evenly over {process_count} processes")
   for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
     if config.train[key] <= 0:
       raise ValueError(f"config.train.{key}={config.train[key]} must be positive")
@@ -33,17 +35,20 @@ def check_config(config, *, device_count, process_count):
 
 def check_schedule(config, steps_per_epoch, dataset_size):
   if steps_per_epoch == 0:
-    raise ValueError(f"the train split has {dataset_size} samples, fewer than one global batch of "
-                     f"{config.train.global_batch_size}; lower config.train.global_batch_size or add data")
+    raise ValueError(
+      f"the train split has {dataset_size} samples, fewer than one global batch of "
+      f"{config.train.global_batch_size}; lower config.train.global_batch_size or add data"
+    )
   epochs = config.train.epochs if config.train.steps <= 0 else config.train.steps / steps_per_epoch
   warmup = config.optim.get("warmup_epochs", 0)
   if warmup > epochs:
-    raise ValueError(f"config.optim.warmup_epochs={warmup} is longer than the whole run ({epochs:g} "
-                     "epochs); shorten the warm-up or train longer")
+    raise ValueError(
+      f"config.optim.warmup_epochs={warmup} is longer than the whole run ({epochs:g} "
+      "epochs); shorten the warm-up or train longer"
+    )
   temp_warmup = config.get("loss", {}).get("warmup_teacher_temp_epochs", 0)
   if temp_warmup > epochs:
-    raise ValueError(f"config.loss.warmup_teacher_temp_epochs={temp_warmup} is longer than the run "
-                     f"({epochs:g} epochs)")
+    raise ValueError(f"config.loss.warmup_teacher_temp_epochs={temp_warmup} is longer than the run ({epochs:g} epochs)")
 
 
 def prepare_workdir(workdir):
@@ -55,8 +60,9 @@ def prepare_workdir(workdir):
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise PermissionError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir you can "
-                          "write to") from e
+    raise PermissionError(
+      f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir you can write to"
+    ) from e
 
 
 def check_disk(workdir, abstract_state, keep):
@@ -65,13 +71,17 @@ def check_disk(workdir, abstract_state, keep):
   needed = state_bytes * (keep + 1)  # +1: the next one is written before the oldest is removed
   free = shutil.disk_usage(workdir).free
   if free < needed:
-    raise OSError(f"workdir {workdir!r} has {free / 2**30:.2f} GiB free but {keep} checkpoints of "
-                  f"{state_bytes / 2**30:.2f} GiB need {needed / 2**30:.2f} GiB; free space, choose another "
-                  "--workdir or lower config.train.keep_checkpoints")
+    raise OSError(
+      f"workdir {workdir!r} has {free / 2**30:.2f} GiB free but {keep} checkpoints of "
+      f"{state_bytes / 2**30:.2f} GiB need {needed / 2**30:.2f} GiB; free space, choose another "
+      "--workdir or lower config.train.keep_checkpoints"
+    )
 
 
 def check_skipped(skipped, seen, max_fraction):
   if skipped and skipped / (skipped + seen) > max_fraction:
-    raise RuntimeError(f"{skipped} bad samples skipped out of {skipped + seen} read, more than "
-                       f"config.data.max_skipped_fraction={max_fraction}; run `python -m jaxgeo.data.check` "
-                       "on the dataset to list them")
+    raise RuntimeError(
+      f"{skipped} bad samples skipped out of {skipped + seen} read, more than "
+      f"config.data.max_skipped_fraction={max_fraction}; run `python -m jaxgeo.data.check` "
+      "on the dataset to list them"
+    )

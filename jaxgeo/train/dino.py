@@ -5,6 +5,7 @@ is, faithful to facebookresearch/dino main_dino.py: multi-crop on the device, te
 student on all crops, centred and sharpened teacher targets, AdamW with per-step lr / weight-decay schedules,
 per-tensor gradient clipping, last layer frozen during the first epoch(s), EMA teacher.
 """
+
 import dataclasses
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ class DinoModel(nn.Module):
   Crops of one size go through the backbone together (one compiled shape per resolution, as the reference's
   MultiCropWrapper); the head then sees every crop's features at once.
   """
+
   backbone: nn.Module
   head: nn.Module
 
@@ -39,22 +41,28 @@ class DinoModel(nn.Module):
 
 def build_models(config):
   """Student (with stochastic depth) and teacher (without), same architecture and param tree."""
+
   def one(student):
     backbone = vit.from_config(config.model, config.aug.global_size, train_student=student)
-    head = heads.DINOHead(out_dim=config.head.out_dim, hidden_dim=config.head.hidden_dim,
-                          bottleneck_dim=config.head.bottleneck_dim,
-                          norm_last_layer=config.head.norm_last_layer,
-                          dtype=vit.compute_dtype(config.model.dtype))
+    head = heads.DINOHead(
+      out_dim=config.head.out_dim,
+      hidden_dim=config.head.hidden_dim,
+      bottleneck_dim=config.head.bottleneck_dim,
+      norm_last_layer=config.head.norm_last_layer,
+      dtype=vit.compute_dtype(config.model.dtype),
+    )
     return DinoModel(backbone=backbone, head=head)
+
   return one(True), one(False)
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
   """What the shared loop needs from a method: pure functions over a plain-dict state."""
+
   init: Callable[[jax.Array], Any]
   step: Callable[[Any, Any], Any]
-  embed: Callable[[Any, jax.Array], jax.Array]   # (state, images [B,H,W,C]) -> features, for kNN/probe
+  embed: Callable[[Any, jax.Array], jax.Array]  # (state, images [B,H,W,C]) -> features, for kNN/probe
   backbone_path: tuple = ("params", "backbone")  # where pretrained backbone weights go
 
 
@@ -71,12 +79,14 @@ def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh
   def init(rng):
     dummy = [jnp.zeros((1, 1, aug.global_size, aug.global_size, in_chans), jnp.float32)]
     params = student.init({"params": rng}, dummy)["params"]
-    return {"params": params,
-            "teacher": jax.tree.map(jnp.copy, params),
-            "opt_state": tx.init(params),
-            "center": jnp.zeros((1, config.head.out_dim), jnp.float32),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.fold_in(rng, 1)}
+    return {
+      "params": params,
+      "teacher": jax.tree.map(jnp.copy, params),
+      "opt_state": tx.init(params),
+      "center": jnp.zeros((1, config.head.out_dim), jnp.float32),
+      "step": jnp.zeros((), jnp.int32),
+      "rng": jax.random.fold_in(rng, 1),
+    }
 
   def step(state, batch):
     step_index = state["step"]
@@ -91,38 +101,51 @@ def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh
 
     teacher_out = teacher.apply({"params": state["teacher"]}, [global_crops])
     temp = dino_objective.teacher_temperature(
-        epoch, warmup_temp=loss_config.warmup_teacher_temp, final_temp=loss_config.teacher_temp,
-        warmup_epochs=loss_config.warmup_teacher_temp_epochs)
+      epoch,
+      warmup_temp=loss_config.warmup_teacher_temp,
+      final_temp=loss_config.teacher_temp,
+      warmup_epochs=loss_config.warmup_teacher_temp_epochs,
+    )
 
     def loss_fn(params):
-      student_out = student.apply({"params": params}, student_groups, train=True,
-                                  rngs={"drop_path": drop_rng})
-      return dino_objective.dino_loss(student_out, teacher_out, state["center"],
-                                      student_temp=loss_config.student_temp, teacher_temp=temp)
+      student_out = student.apply({"params": params}, student_groups, train=True, rngs={"drop_path": drop_rng})
+      return dino_objective.dino_loss(
+        student_out, teacher_out, state["center"], student_temp=loss_config.student_temp, teacher_temp=temp
+      )
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     grad_norm = optax.tree.norm(grads)
     grads = optim.clip_per_tensor(grads, optim_config.clip_grad)
-    lr = schedules.warmup_cosine(step_index, base=lr_peak, final=optim_config.min_lr,
-                                 total_steps=total_steps, warmup_steps=warmup_steps)
-    wd = schedules.warmup_cosine(step_index, base=optim_config.weight_decay,
-                                 final=optim_config.weight_decay_end, total_steps=total_steps)
-    params, opt_state = tx.apply(grads, state["opt_state"], state["params"], lr=lr, wd=wd,
-                                 frozen=step_index < freeze_steps)
-    momentum = schedules.warmup_cosine(step_index, base=optim_config.momentum_teacher, final=1.0,
-                                       total_steps=total_steps)
+    lr = schedules.warmup_cosine(
+      step_index, base=lr_peak, final=optim_config.min_lr, total_steps=total_steps, warmup_steps=warmup_steps
+    )
+    wd = schedules.warmup_cosine(
+      step_index, base=optim_config.weight_decay, final=optim_config.weight_decay_end, total_steps=total_steps
+    )
+    params, opt_state = tx.apply(
+      grads, state["opt_state"], state["params"], lr=lr, wd=wd, frozen=step_index < freeze_steps
+    )
+    momentum = schedules.warmup_cosine(
+      step_index, base=optim_config.momentum_teacher, final=1.0, total_steps=total_steps
+    )
     teacher_params = jax.tree.map(lambda t, s: t * momentum + s * (1.0 - momentum), state["teacher"], params)
     center = dino_objective.update_center(state["center"], teacher_out, loss_config.center_momentum)
 
     # A non-finite loss or gradient never reaches the weights: the step is dropped whole and reported.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = {"params": params, "teacher": teacher_params, "opt_state": opt_state, "center": center}
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                             {k: state[k] for k in new_state})
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, {k: state[k] for k in new_state})
     new_state.update(step=step_index + 1, rng=state["rng"])
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "weight_decay": wd,
-               "teacher_momentum": momentum, "teacher_temp": temp, "finite": finite,
-               "num_skipped": jnp.sum(batch["num_skipped"])}
+    metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "lr": lr,
+      "weight_decay": wd,
+      "teacher_momentum": momentum,
+      "teacher_temp": temp,
+      "finite": finite,
+      "num_skipped": jnp.sum(batch["num_skipped"]),
+    }
     return new_state, metrics
 
   eval_backbone = vit.from_config(config.model, aug.global_size, train_student=False)

@@ -3,16 +3,17 @@
 Read top to bottom: setup -> input -> task -> state (fresh, imported or resumed) -> step -> loop -> finish.
 A method plugs in through `make_task(config, **context) -> Task` (see train/dino.py).
 """
+
 import functools
 import math
 import signal
 import time
 
-from absl import logging
-from clu import metrics as clu_metrics
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from clu import metrics as clu_metrics
 
 from jaxgeo import checkpoint, data, parallel
 from jaxgeo.data import pipeline
@@ -47,6 +48,7 @@ class _StopFlag:
     if step % every:
       return None
     from jax.experimental import multihost_utils
+
     seen = multihost_utils.process_allgather(np.int32(self.signal is not None))
     return (self.signal or "SIGTERM") if np.any(seen) else None
 
@@ -60,10 +62,18 @@ def make_input(config, split, *, shuffle=True, num_epochs=1, drop_remainder=True
   source = data.build_source(config.data, split) if source is None else source
   per_process = config.train.global_batch_size // jax.process_count()
   dataset = pipeline.make_iter_dataset(
-      source, batch_size_per_process=per_process, seed=config.seed, num_epochs=num_epochs, shuffle=shuffle,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=config.data.worker_count, prefetch=config.data.prefetch,
-      on_bad_sample=config.data.on_bad_sample, drop_remainder=drop_remainder)
+    source,
+    batch_size_per_process=per_process,
+    seed=config.seed,
+    num_epochs=num_epochs,
+    shuffle=shuffle,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    worker_count=config.data.worker_count,
+    prefetch=config.data.prefetch,
+    on_bad_sample=config.data.on_bad_sample,
+    drop_remainder=drop_remainder,
+  )
   return source, dataset
 
 
@@ -87,13 +97,24 @@ def run(config, workdir, make_task):
   mean, std = data.normalization_stats(config.data.bands)
 
   # ---- task and state: created already sharded (eval_shape -> rules -> jitted init with out_shardings).
-  task = make_task(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                   in_chans=len(source.bands), mean=mean, std=std, mesh=mesh)
+  task = make_task(
+    config,
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total_steps,
+    in_chans=len(source.bands),
+    mean=mean,
+    std=std,
+    mesh=mesh,
+  )
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(task.init, rng)
   shardings = parallel.tree_shardings(abstract, config.sharding_rules, mesh)
-  logging.info("mesh %s, sharding rules %s\n%s", dict(mesh.shape), config.sharding_rules,
-               parallel.sharding_summary(abstract, shardings))
+  logging.info(
+    "mesh %s, sharding rules %s\n%s",
+    dict(mesh.shape),
+    config.sharding_rules,
+    parallel.sharding_summary(abstract, shardings),
+  )
   checks.check_disk(workdir, abstract, config.train.keep_checkpoints)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   if ckpt.latest_step() is not None:
@@ -108,8 +129,12 @@ def run(config, workdir, make_task):
   # ---- step
   batch = next(iterator)
   batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
-  step_fn = jax.jit(task.step, in_shardings=(shardings, batch_shardings),
-                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  step_fn = jax.jit(
+    task.step,
+    in_shardings=(shardings, batch_shardings),
+    out_shardings=(shardings, parallel.replicated(mesh)),
+    donate_argnums=0,
+  )
   knn = _KnnMonitor(config, task, mesh) if config.eval.knn_every > 0 else None
 
   # ---- loop
@@ -125,8 +150,13 @@ def run(config, workdir, make_task):
   first_step = step = int(jax.device_get(state["step"]))
   interval_start, interval_first = time.perf_counter(), step
   status = "done"
-  logging.info("training %d steps (%d per epoch, global batch %d) on %d devices", total_steps,
-               steps_per_epoch, global_batch, mesh.size)
+  logging.info(
+    "training %d steps (%d per epoch, global batch %d) on %d devices",
+    total_steps,
+    steps_per_epoch,
+    global_batch,
+    mesh.size,
+  )
   try:
     while step < total_steps:
       if batch is None:
@@ -161,8 +191,13 @@ def run(config, workdir, make_task):
         ckpt.save(step, state, iterator)
       if stopping:
         status = "preempted"
-        logging.warning("%s received: saved step %d of %d to %s; run the same command to resume",
-                        stopping, step, total_steps, ckpt.directory)
+        logging.warning(
+          "%s received: saved step %d of %d to %s; run the same command to resume",
+          stopping,
+          step,
+          total_steps,
+          ckpt.directory,
+        )
         break
   finally:
     stop.restore()
@@ -175,6 +210,7 @@ def run(config, workdir, make_task):
     logging.info("loss curve: %s", path)
   if status == "done" and config.eval.final_probe:
     from jaxgeo.evaluate import linear
+
     linear.compare_with_random_init(config, workdir, task, state, mesh)
   return status
 
@@ -186,26 +222,40 @@ def _check_pending(pending, config):
     values = jax.device_get(step_metrics)
     skipped += int(values["num_skipped"])
     if not bool(values["finite"]):
-      message = (f"non-finite value at step {step}: loss={float(values['loss'])}, "
-                 f"grad_norm={float(values['grad_norm'])}; the step's update was dropped")
+      message = (
+        f"non-finite value at step {step}: loss={float(values['loss'])}, "
+        f"grad_norm={float(values['grad_norm'])}; the step's update was dropped"
+      )
       if config.train.on_nonfinite == "error":
-        raise NonFiniteError(message + "; stopping with the last good checkpoint kept "
-                             "(set --config.train.on_nonfinite=skip to train on)")
+        raise NonFiniteError(
+          message + "; stopping with the last good checkpoint kept (set --config.train.on_nonfinite=skip to train on)"
+        )
       logging.warning(message)
   return skipped
 
 
 def _log_line(step, total, scalars, rate, global_batch):
   remaining = (total - step) * global_batch / max(rate, 1e-9)
-  extras = " ".join(f"{k}={scalars[k]:.4g}" for k in ("lr", "weight_decay", "teacher_momentum",
-                                                         "teacher_temp", "knn_ap_macro") if k in scalars)
-  logging.info("step %d/%d loss=%.4f %s | %.1f img/s, ETA %s", step, total, scalars["loss"], extras, rate,
-               time.strftime("%H:%M:%S", time.gmtime(remaining)))
+  extras = " ".join(
+    f"{k}={scalars[k]:.4g}"
+    for k in ("lr", "weight_decay", "teacher_momentum", "teacher_temp", "knn_ap_macro")
+    if k in scalars
+  )
+  logging.info(
+    "step %d/%d loss=%.4f %s | %.1f img/s, ETA %s",
+    step,
+    total,
+    scalars["loss"],
+    extras,
+    rate,
+    time.strftime("%H:%M:%S", time.gmtime(remaining)),
+  )
 
 
 def _import_backbone(config, task, state, shardings):
   """Starts from PyTorch weights (config.init.checkpoint): backbone of student and teacher alike."""
   from jaxgeo import bridge
+
   section, name = task.backbone_path
   # Only shapes are read: device_get would fail on arrays sharded over devices of other processes.
   target = state[section][name]
@@ -223,6 +273,7 @@ class _KnnMonitor:
 
   def __init__(self, config, task, mesh):
     from jaxgeo.evaluate import knn
+
     self._knn = knn
     self.mesh = mesh
     self.embed = jax.jit(task.embed)

@@ -7,6 +7,7 @@ Feeding a zero gradient to a shared-count optax.adamw would decay the weights an
 afterwards. So each group keeps its own Adam state and count; lr and weight decay come from the caller's
 per-step schedules, like the reference's param_group updates.
 """
+
 import re
 
 import jax
@@ -23,13 +24,18 @@ class GroupedAdamW:
 
   def __init__(self, frozen_pattern, b1=0.9, b2=0.999, eps=1e-8):
     self.frozen_pattern = re.compile(frozen_pattern)
-    self.adam = {g: optax.masked(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-                                 lambda p, g=g: jax.tree.map(lambda label: label == g, self.labels(p)))
-                 for g in GROUPS}
+    self.adam = {
+      g: optax.masked(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        lambda p, g=g: jax.tree.map(lambda label: label == g, self.labels(p)),
+      )
+      for g in GROUPS
+    }
 
   def labels(self, params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if self.frozen_pattern.search(parallel.path_str(path)) else "main", params)
+      lambda path, _: "frozen" if self.frozen_pattern.search(parallel.path_str(path)) else "main", params
+    )
 
   def init(self, params):
     return {g: self.adam[g].init(params) for g in GROUPS}
@@ -39,8 +45,9 @@ class GroupedAdamW:
     directions, new_state = {}, {}
     for g in GROUPS:
       directions[g], new_state[g] = self.adam[g].update(grads, opt_state[g], params)
-    new_state["frozen"] = jax.tree.map(lambda new, old: jnp.where(frozen, old, new), new_state["frozen"],
-                                       opt_state["frozen"])
+    new_state["frozen"] = jax.tree.map(
+      lambda new, old: jnp.where(frozen, old, new), new_state["frozen"], opt_state["frozen"]
+    )
 
     def leaf(path, p, main_dir, frozen_dir, label):
       direction = frozen_dir if label == "frozen" else main_dir
@@ -48,8 +55,9 @@ class GroupedAdamW:
       new_p = p - lr * (direction + decay * p)
       return jnp.where(frozen, p, new_p) if label == "frozen" else new_p
 
-    new_params = jax.tree_util.tree_map_with_path(leaf, params, directions["main"], directions["frozen"],
-                                                  self.labels(params))
+    new_params = jax.tree_util.tree_map_with_path(
+      leaf, params, directions["main"], directions["frozen"], self.labels(params)
+    )
     return new_params, new_state
 
 
@@ -72,4 +80,5 @@ def clip_per_tensor(grads, max_norm):
   def clip(g):
     coef = max_norm / (jnp.linalg.norm(g.reshape(-1)) + 1e-6)
     return jnp.where(coef < 1.0, g * coef, g)
+
   return jax.tree.map(clip, grads)

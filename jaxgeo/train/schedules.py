@@ -1,4 +1,5 @@
 """Per-step schedules shared by the methods (learning rate, weight decay, EMA momentum)."""
+
 import jax.numpy as jnp
 
 

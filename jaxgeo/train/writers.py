@@ -3,6 +3,7 @@
 clu's metric_writers would pull in TensorFlow; clu.metrics (aggregation) does not and is used in loop.py.
 Only process 0 writes; the others get a writer that drops everything.
 """
+
 import json
 import math
 import os
@@ -12,13 +13,13 @@ import numpy as np
 
 
 class MetricWriter:
-
   def __init__(self, workdir, enabled=True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step, scalars):
@@ -58,6 +59,7 @@ def plot_training_curves(workdir, title="", out_name="loss.png"):
   if not rows:
     return None
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
