@@ -71,6 +71,12 @@ def _subprocess_env(devices_per_process):
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
   env["JAX_PLATFORMS"] = "cpu"
+  # The launcher must run this interpreter, activated venv or not: take the venv off PATH so a launcher that
+  # ran `python` from PATH would get another interpreter (without jax) and fail.
+  env["JAXGEO_PYTHON"] = sys.executable
+  venv_bin = os.path.dirname(sys.executable)
+  env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
+  env.pop("VIRTUAL_ENV", None)
   return env
 
 

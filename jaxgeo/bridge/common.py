@@ -15,6 +15,10 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 import jax
 import numpy as np
 
+# The jaxgeo weights file (safetensors with flax paths) marks itself with this metadata key. It lives here, not
+# in export.py, because both export.py (writes it) and vit.py (recognises it) need it, and export.py imports vit.py.
+FORMAT_KEY, FORMAT_VERSION = "jaxgeo_format", "1"
+
 
 class StateDictMismatchError(ValueError):
   """Missing keys, unexpected keys and shape mismatches, all listed by torch name (as load_state_dict)."""

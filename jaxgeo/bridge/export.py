@@ -19,10 +19,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from jaxgeo.bridge import common
+from jaxgeo.bridge.common import FORMAT_KEY, FORMAT_VERSION
 from jaxgeo.bridge.resnet import RESNET
 from jaxgeo.bridge.vit import VIT, VitWithHead, head_to_torch
-
-FORMAT_KEY, FORMAT_VERSION = "jaxgeo_format", "1"
 
 
 def _numpy_tree(tree):

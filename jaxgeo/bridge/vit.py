@@ -311,12 +311,11 @@ def load_vit_backbone_params(
 def _backbone_flat(path, which, in_chans, band_indices):
   """({("params", *path): array}, unmapped, where) from a torch-named checkpoint or a jaxgeo file."""
   if isinstance(path, (str, bytes)) or hasattr(path, "__fspath__"):
-    from jaxgeo.bridge import export
     from jaxgeo.bridge.torch_reader import read_safetensors
 
     where = str(path)
     tensors, metadata = read_safetensors(where) if where.endswith(".safetensors") else ({}, {})
-    if export.FORMAT_KEY in metadata:  # jaxgeo file: flax paths already
+    if common.FORMAT_KEY in metadata:  # jaxgeo file: flax paths already
       flat = {
         ("params", *k.split("/")[1:]): np.asarray(v, np.float32) for k, v in tensors.items() if k.startswith("params/")
       }
