@@ -38,7 +38,7 @@ def check_choice(name, value, choices):
     raise ValueError(f"config.{name}={value!r}; expected one of {sorted(choices)}")
 
 
-def base_config(method):
+def base_config(method, dataset="bigearthnet"):
   """Fields every method shares; configs/*.py set the method's own numbers on top.
 
   Locked by the caller (main) so that a mistyped --config.x.y override is an error before any compute.
@@ -48,17 +48,10 @@ def base_config(method):
   c.method = method
   c.seed = 0
 
-  c.data = ml_collections.ConfigDict()
-  c.data.root = ml_collections.config_dict.placeholder(str)  # None: bundled synthetic BigEarthNet
-  c.data.metadata = ml_collections.config_dict.placeholder(str)  # gdf-builder or v2 parquet; None: json
-  c.data.synthetic_dir = "~/.cache/jaxgeo/synthetic_ben"
-  c.data.synthetic_num_patches = 2048
-  c.data.bands = "rgb"  # "rgb" (B04,B03,B02), "all" (12 bands) or "B08,B04,B03"
-  c.data.image_size = 120
-  c.data.on_bad_sample = "error"  # or "skip": logged once, counted, bounded by max_skipped_fraction
-  c.data.max_skipped_fraction = 0.01
-  c.data.worker_count = 4
-  c.data.prefetch = 2
+  # The dataset's fields (config.data.dataset picks it): the shared ones and the dataset module's own.
+  from jaxgeo import data
+
+  c.data = data.data_config(dataset)
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "small"

@@ -176,9 +176,9 @@ def test_three_metadata_forms_load_the_same_split(dataset, tmp_path):
 
 
 def test_build_source_without_root_uses_cached_synthetic_data(synthetic_dir, dataset, caplog, monkeypatch):
-  import jaxgeo.data
+  import jaxgeo.data.source
 
-  monkeypatch.setattr(jaxgeo.data, "_ANNOUNCED", set())  # the notice is once per process and root
+  monkeypatch.setattr(jaxgeo.data.source, "_ANNOUNCED", set())  # the notice is once per process and root
   config = {
     "root": None,
     "metadata": None,

@@ -1,9 +1,17 @@
-"""Host-side data: BigEarthNet-S2 sources read with rasterio, a synthetic stand-in, and the grain pipeline."""
+"""Host-side data: one source per dataset behind one registry, the grain pipeline, GeoTIFF helpers.
+
+    source = data.build_source(config.data, "train")    # config.data.dataset picks the dataset module
+
+The registry maps `config.data.dataset` to the module that reads it; each module provides `data_config` (its
+config fields) and `build_source` (a split as a `data.source.Source`). Modules are imported on first use, so
+a run only loads the readers it needs.
+"""
 
 from __future__ import annotations
 
-import logging
-import os
+import importlib
+
+import ml_collections
 
 from jaxgeo.data.bigearthnet import (
   ALL_BANDS,
@@ -18,75 +26,53 @@ from jaxgeo.data.bigearthnet import (
   BigEarthNetSource,
   normalization_stats,
   resolve_bands,
+  resolve_paths,
 )
 from jaxgeo.data.geotiff import BadSampleError, read_band, resize_bilinear, write_geotiff
 from jaxgeo.data.pipeline import make_iter_dataset, steps_per_epoch
+from jaxgeo.data.source import SPLITS, Source
 from jaxgeo.data.synthetic import write_synthetic_bigearthnet
 
-log = logging.getLogger(__name__)
-DEFAULT_SYNTHETIC_DIR = "~/.cache/jaxgeo/synthetic_ben"
-DEFAULT_SYNTHETIC_PATCHES = 256
-_ANNOUNCED = set()
+# config.data.dataset -> the module that reads it.
+DATASETS = {
+  "bigearthnet": "jaxgeo.data.bigearthnet",
+  "sen12ms": "jaxgeo.data.sen12ms",
+  "landcoverai": "jaxgeo.data.landcoverai",
+  "slippy": "jaxgeo.data.tiles",
+  "folders": "jaxgeo.data.tiles",
+  "labelmaker": "jaxgeo.data.tiles",
+}
 
 
-def _field(config, name, default=None):
-  value = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
-  return default if value is None else value
+def dataset_module(name: str):
+  if name not in DATASETS:
+    raise ValueError(f"config.data.dataset={name!r}; expected one of {sorted(DATASETS)}")
+  return importlib.import_module(DATASETS[name])
 
 
-def resolve_paths(data_config) -> tuple[str, str | None]:
-  """(root, metadata) of the configured data; with no root, those of the (written once) synthetic dataset."""
-  root = _field(data_config, "root")
-  if root is not None:
-    metadata = _field(data_config, "metadata")
-    return os.path.expanduser(root), None if metadata is None else os.path.expanduser(metadata)
-  directory = _field(data_config, "synthetic_dir", DEFAULT_SYNTHETIC_DIR)
-  num_patches = int(_field(data_config, "synthetic_num_patches", DEFAULT_SYNTHETIC_PATCHES))
-  root, metadata = write_synthetic_bigearthnet(directory, num_patches)
-  if root in _ANNOUNCED:
-    return root, metadata
-  _ANNOUNCED.add(root)  # once per process: every split and evaluation reads through here
-  log.warning(
-    "config.data.root is not set: using SYNTHETIC BigEarthNet-S2 data (%d generated patches at %s); "
-    "results say nothing about real imagery. To train on real BigEarthNet-S2, pass "
-    "--config.data.root=/path/to/BigEarthNet-v1.0 and, for the official splits, "
-    "--config.data.metadata=/path/to/metadata.parquet (bigearthnet-gdf-builder or BigEarthNet v2).",
-    num_patches,
-    root,
-  )
-  return root, metadata
+def data_config(dataset: str = "bigearthnet") -> ml_collections.ConfigDict:
+  """config.data for `dataset`: the fields every dataset shares, then the dataset module's own."""
+  c = ml_collections.ConfigDict()
+  c.dataset = dataset
+  c.root = ml_collections.config_dict.placeholder(str)  # None: a synthetic copy in the real layout
+  c.on_bad_sample = "error"  # or "skip": logged once, counted, bounded by max_skipped_fraction
+  c.max_skipped_fraction = 0.01
+  c.worker_count = 4  # grain worker processes; the data order does not depend on it
+  c.prefetch = 2
+  own = dataset_module(dataset).data_config(dataset)
+  clash = sorted(set(own.keys()) & set(c.keys()))
+  if clash:
+    raise ValueError(f"{DATASETS[dataset]}.data_config redefines shared field(s) {clash}")
+  c.update(own)
+  return c
 
 
-def build_source(data_config, split: str) -> BigEarthNetSource:
-  """The BigEarthNetSource of `split` ("train" | "validation" | "test") described by config.data.
-
-  A data.root that is a packed store (made by `python -m jaxgeo.data.pack`) gives its PackedSource instead:
-  same samples, labels and split, read from ArrayRecord.
-  """
-  root, metadata = resolve_paths(data_config)
-  from jaxgeo.data import pack  # pylint: disable=g-import-not-at-top
-
-  if pack.is_packed(root):
-    if metadata is not None:
-      log.warning(
-        "config.data.metadata=%s is ignored: %s is a packed store, whose splits and labels were "
-        "fixed when it was packed",
-        metadata,
-        root,
-      )
-    return pack.PackedSource(
-      root,
-      split=split,
-      bands=_field(data_config, "bands", "rgb"),
-      image_size=int(_field(data_config, "image_size", 120)),
-    )
-  return BigEarthNetSource(
-    root,
-    metadata,
-    split=split,
-    bands=_field(data_config, "bands", "rgb"),
-    image_size=int(_field(data_config, "image_size", 120)),
-  )
+def build_source(data_config, split: str) -> Source:
+  """The Source of `split` ("train" | "validation" | "test") described by config.data."""
+  if split not in SPLITS:
+    raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+  name = data_config.get("dataset", "bigearthnet") if hasattr(data_config, "get") else "bigearthnet"
+  return dataset_module(name).build_source(data_config, split)
 
 
 __all__ = [
@@ -95,13 +81,17 @@ __all__ = [
   "BAND_STD",
   "CLASSES_19",
   "CLASSES_43",
+  "DATASETS",
   "IMAGENET_MEAN",
   "IMAGENET_STD",
   "LABEL_43_TO_19",
   "RGB_BANDS",
   "BadSampleError",
   "BigEarthNetSource",
+  "Source",
   "build_source",
+  "data_config",
+  "dataset_module",
   "make_iter_dataset",
   "normalization_stats",
   "read_band",

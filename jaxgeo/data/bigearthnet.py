@@ -311,6 +311,9 @@ class BigEarthNetSource:
   at construction. Holds only names and labels: rasterio files are opened per read, so it pickles to workers.
   """
 
+  name = "bigearthnet"
+  label_kind = "multilabel"
+  class_names = CLASSES_19
   expected_dtype = "uint16"
 
   def __init__(
@@ -345,6 +348,10 @@ class BigEarthNetSource:
 
   def __len__(self) -> int:
     return len(self.names)
+
+  @property
+  def norm_stats(self):
+    return {"image": normalization_stats("rgb" if self.rgb_scaling else self.bands)}
 
   def __repr__(self) -> str:
     return (
@@ -412,3 +419,71 @@ class BigEarthNetSource:
       except BadSampleError as e:
         found.append(e)
     return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry entry points (jaxgeo/data/__init__.py): config fields and the source of a split
+# ---------------------------------------------------------------------------------------------------------------
+
+DEFAULT_SYNTHETIC_DIR = "~/.cache/jaxgeo/synthetic_ben"
+DEFAULT_SYNTHETIC_PATCHES = 256
+
+
+def data_config(dataset: str = "bigearthnet"):
+  """BigEarthNet-S2's own config.data fields (the registry adds the shared ones)."""
+  import ml_collections
+
+  del dataset
+  c = ml_collections.ConfigDict()
+  c.metadata = ml_collections.config_dict.placeholder(str)  # gdf-builder or v2 parquet; None: json + hash split
+  c.synthetic_dir = DEFAULT_SYNTHETIC_DIR
+  c.synthetic_num_patches = 2048
+  c.bands = "rgb"  # "rgb" (B04,B03,B02), "all" (12 bands) or "B08,B04,B03"
+  c.image_size = PATCH_SIZE
+  return c
+
+
+def resolve_paths(data_config) -> tuple[str, str | None]:
+  """(root, metadata) of the configured data; with no root, those of the (written once) synthetic dataset."""
+  from jaxgeo.data.source import announce_synthetic, field
+  from jaxgeo.data.synthetic import write_synthetic_bigearthnet
+
+  root = field(data_config, "root")
+  if root is not None:
+    metadata = field(data_config, "metadata")
+    return os.path.expanduser(root), None if metadata is None else os.path.expanduser(metadata)
+  directory = field(data_config, "synthetic_dir", DEFAULT_SYNTHETIC_DIR)
+  num_patches = int(field(data_config, "synthetic_num_patches", DEFAULT_SYNTHETIC_PATCHES))
+  root, metadata = write_synthetic_bigearthnet(directory, num_patches)
+  announce_synthetic(
+    f"BigEarthNet-S2 ({num_patches} patches)",
+    root,
+    "To train on real BigEarthNet-S2, pass --config.data.root=/path/to/BigEarthNet-v1.0 and, for the official "
+    "splits, --config.data.metadata=/path/to/metadata.parquet (bigearthnet-gdf-builder or BigEarthNet v2).",
+  )
+  return root, metadata
+
+
+def build_source(data_config, split: str):
+  """The BigEarthNetSource of `split` described by config.data.
+
+  A data.root that is a packed store (made by `python -m jaxgeo.data.pack`) gives its PackedSource instead:
+  same samples, labels and split, read from ArrayRecord.
+  """
+  from jaxgeo.data import pack
+  from jaxgeo.data.source import field
+
+  root, metadata = resolve_paths(data_config)
+  bands, image_size = field(data_config, "bands", "rgb"), int(field(data_config, "image_size", PATCH_SIZE))
+  if pack.is_packed(root):
+    if metadata is not None:
+      import logging
+
+      logging.getLogger(__name__).warning(
+        "config.data.metadata=%s is ignored: %s is a packed store, whose splits and labels were fixed when it "
+        "was packed",
+        metadata,
+        root,
+      )
+    return pack.PackedSource(root, split=split, bands=bands, image_size=image_size)
+  return BigEarthNetSource(root, metadata, split=split, bands=bands, image_size=image_size)

@@ -108,6 +108,14 @@ class PackedSource:
   split order as the BigEarthNetSource the store was packed from. Only the requested bands are decoded.
   """
 
+  name = "bigearthnet"
+  label_kind = "multilabel"
+  class_names = ben.CLASSES_19
+
+  @property
+  def norm_stats(self):
+    return {"image": ben.normalization_stats("rgb" if self.rgb_scaling else self.bands)}
+
   def __init__(
     self,
     root: str | os.PathLike,

@@ -94,7 +94,7 @@ def run(config, workdir, make_task):
   total_steps = config.train.steps if config.train.steps > 0 else config.train.epochs * steps_per_epoch
   _, dataset = make_input(config, "train", num_epochs=math.ceil(total_steps / steps_per_epoch), source=source)
   iterator = iter(dataset)
-  mean, std = data.normalization_stats(config.data.bands)
+  mean, std = source.norm_stats["image"]
 
   # ---- task and state: created already sharded (eval_shape -> rules -> jitted init with out_shardings).
   task = make_task(
