@@ -76,12 +76,19 @@ def base_config(method, dataset="bigearthnet"):
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
   c.train.on_nonfinite = "error"  # or "skip": the step's update is dropped and counted
+  c.train.max_nonfinite_consecutive = 10  # skip mode stops past this many non-finite steps in a row ...
+  c.train.max_nonfinite_total = 100  # ... or past this many over the whole run (resumes included)
+  c.train.resume_step = -1  # -1: resume from the latest intact checkpoint; N: from step N (later ones set aside)
+  c.train.accept_config_change = False  # resume although the config differs from the run's stored one
 
   c.init = ml_collections.ConfigDict()
   c.init.checkpoint = ml_collections.config_dict.placeholder(str)  # PyTorch DINO .pth / .safetensors
   c.init.which = "teacher"
 
-  c.eval = ml_collections.ConfigDict()
+  # Periodic evaluation, keep-best, early stopping, lr plateau: train/evaluation.py documents the fields.
+  from jaxgeo.train.evaluation import eval_config
+
+  c.eval = eval_config()
   c.eval.knn_every = 0  # steps; 0 disables the kNN monitor
   c.eval.knn_batches = 8  # host batches of train (bank) and validation (queries)
   c.eval.final_probe = False  # linear probe: pretrained vs random-init features, printed at the end

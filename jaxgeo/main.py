@@ -9,6 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxgeo.errors import RunError
 from jaxgeo.logs import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -17,21 +18,34 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics and plots go here")
 
 
+# config.method -> the module whose make_task the shared loop runs. Imported lazily so each method only loads its
+# own code.
+TASKS = {
+  "dino": "jaxgeo.train.dino",
+  "moco": "jaxgeo.train.moco",
+  "classify": "jaxgeo.train.classify",
+  "segment": "jaxgeo.train.segment",
+}
+
+
 def trainers():
-  """config.method -> function(config, workdir). Imported lazily so each method only loads its own code."""
+  """config.method -> function(config, workdir)."""
+  import importlib
 
-  def dino(config, workdir):
-    from jaxgeo.train import dino as dino_method
-    from jaxgeo.train import loop
+  def task_runner(module):
+    def train(config, workdir):
+      from jaxgeo.train import loop
 
-    return loop.run(config, workdir, dino_method.make_task)
+      return loop.run(config, workdir, importlib.import_module(module).make_task)
+
+    return train
 
   def linear(config, workdir):
     from jaxgeo.evaluate import linear as linear_probe
 
     return linear_probe.run_linear_probe(config, workdir)
 
-  return {"dino": dino, "linear": linear}
+  return {**{name: task_runner(module) for name, module in TASKS.items()}, "linear": linear}
 
 
 def main(argv):
@@ -45,7 +59,12 @@ def main(argv):
     raise app.UsageError(f"config.method={config.method!r}; expected one of {sorted(methods)}")
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   logging.info("method %s, workdir %s", config.method, workdir)
-  status = methods[config.method](config, workdir)
+  try:
+    status = methods[config.method](config, workdir)
+  except RunError as e:
+    # The message names the cause and what to do; a traceback would bury it.
+    logging.error("%s", e)
+    sys.exit(1)
   logging.info("finished: %s", status)
 
 

@@ -1,4 +1,6 @@
-"""Tests for the on-device DINO multi-crop (jaxgeo/data/augment.py), on tiny images."""
+"""Tests for the on-device augmentation (jaxgeo/data/augment.py): DINO multi-crop, recipe views for MoCo, joint
+image+mask views for segmentation, on tiny images. Compiles are the cost here: each helper below compiles once per
+recipe family with the probabilities traced, and the tests reuse those compiles."""
 
 import colorsys
 import functools
@@ -233,3 +235,265 @@ def test_jit_with_batch_sharded_over_devices():
   eager_global, eager_local = run(cfg, images(batch=8), seed=5)
   np.testing.assert_allclose(global_crops, eager_global, atol=1e-5)
   np.testing.assert_allclose(local_crops, eager_local, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ views (MoCo, any band count)
+
+VIEW_PROBS = ("flip_p", "vflip_p", "jitter_p", "grayscale_p", "blur_p")
+
+
+@functools.partial(jax.jit, static_argnames=("static_fields", "size", "num_views"))
+def _jitted_views(key, imgs, probs, static_fields, size, num_views):
+  return augment.views(key, imgs, SimpleNamespace(**dict(static_fields), **probs), size, num_views)
+
+
+def run_views(recipe, imgs, seed=0, size=8, num_views=2, **prob_overrides):
+  """views() jitted with the probabilities traced: every recipe of one family shares one compile."""
+  fields = recipe.to_dict()
+  probs = {f: jnp.asarray(prob_overrides.get(f, fields.pop(f)), jnp.float32) for f in VIEW_PROBS}
+  static_fields = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in fields.items()))
+  return np.asarray(_jitted_views(jax.random.key(seed), imgs, probs, static_fields, size, num_views))
+
+
+def band_images(batch=96, size=12, channels=4, low=0.0, high=1.0, seed=7):
+  """Bands with different levels, so grayscale (band mean) and contrast visibly change them. numpy, not jax:
+  every new shape of an eager jax op is one more compile."""
+  u = np.random.default_rng(seed).uniform(size=(batch, size, size, channels))
+  return (low + (high - low) * u * np.linspace(0.3, 1.0, channels)).astype(np.float32)
+
+
+def applied_rate(recipe, imgs, field):
+  """Fraction of (view, sample) pairs an op touched: same keys with and without it, every other draw unchanged."""
+  full = run_views(recipe, imgs)
+  without = run_views(recipe, imgs, **{field: 0.0})
+  changed = np.abs(full - without).reshape(full.shape[0] * full.shape[1], -1).max(axis=1) > 0
+  return changed.mean(), changed.size
+
+
+def assert_rate(rate, n, p, what):
+  # Loose: 4.5 binomial standard deviations (+ 4 % for blurs with sigma ~0.1, which are exact identities).
+  slack = 4.5 * np.sqrt(max(p * (1 - p), 0.0) / n) + (0.04 if what == "blur_p" else 0.0)
+  assert abs(rate - p) <= slack + 1e-9, (what, rate, p)
+
+
+@pytest.mark.parametrize(
+  ("recipe", "imgs"),
+  [
+    pytest.param(augment.moco_v2(rgb=True), None, id="moco_v2_rgb"),
+    pytest.param(augment.moco_v2(rgb=False), band_images(), id="moco_v2_multispectral"),
+  ],
+)
+def test_moco_v2_shapes_and_probabilities(recipe, imgs):
+  imgs = band_images(channels=3, seed=8) if imgs is None else imgs
+  out = run_views(recipe, imgs)
+  assert out.shape == (2, 96, 8, 8, imgs.shape[-1]) and out.dtype == np.float32 and np.isfinite(out).all()
+  if recipe.rgb:
+    assert out.min() >= 0.0 and out.max() <= 1.0
+  for field in VIEW_PROBS:
+    rate, n = applied_rate(recipe, imgs, field)
+    assert_rate(rate, n, recipe[field], field)
+
+
+def test_sensor_pair_sets_add_ops_in_order():
+  imgs = band_images()
+  expected = {
+    1: dict(flip_p=0, vflip_p=0, jitter_p=0, grayscale_p=0, blur_p=0),
+    2: dict(flip_p=0, vflip_p=0, jitter_p=0, grayscale_p=0, blur_p=0.5),
+    3: dict(flip_p=0, vflip_p=0, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5),
+  }
+  for number, probs in expected.items():
+    recipe = augment.sensor_pair_set(number)
+    assert recipe.scale == (0.2, 1.0) and recipe.clip is None
+    assert run_views(recipe, imgs).shape == (2, 96, 8, 8, 4)
+    for field, p in probs.items():
+      rate, n = applied_rate(recipe, imgs, field)
+      assert_rate(rate, n, p, field)
+  with pytest.raises(ValueError, match="1, 2 or 3"):
+    augment.sensor_pair_set(4)
+
+
+def test_multispectral_grayscale_is_band_mean():
+  imgs = band_images()
+  off = dict.fromkeys(VIEW_PROBS, 0.0)
+  plain = run_views(augment.moco_v2(rgb=False), imgs, **off)
+  gray = run_views(augment.moco_v2(rgb=False), imgs, **{**off, "grayscale_p": 1.0})
+  np.testing.assert_allclose(gray, np.broadcast_to(plain.mean(axis=-1, keepdims=True), plain.shape), atol=1e-6)
+  assert plain.std(axis=-1).mean() > 0.05  # the bands really differed before
+
+
+def test_no_clipping_of_negative_db():
+  # S1 backscatter in dB: every value negative. A floor at 0 anywhere would turn these views into zeros.
+  db = band_images(low=-25.0, high=-12.0, channels=4)
+  recipe = augment.moco_v2(rgb=False)
+  out = run_views(recipe, db)
+  assert (out < 0).all() and out.min() < -25.0  # brightness x1.4 reaches below the input range: nothing clipped
+  resized = np.asarray(augment.center_resize(db[:2], 7, clip=None))
+  assert (resized < 0).all()
+  assert (np.asarray(augment.center_resize(db[:2], 7)) == 0).all()  # AUTO is DINO's rule: a floor at 0
+
+
+@functools.partial(jax.jit, static_argnames="jitter")
+def _band_jitter(keys, img, jitter):
+  return jax.vmap(lambda k: augment._color_jitter(k, img, jitter, rgb=False, clip=None))(keys)
+
+
+def test_multispectral_jitter_scales_brightness_and_pulls_each_band_to_its_mean():
+  img = band_images(batch=1, size=6, low=-20.0, high=-5.0)[0]  # negative (dB): nothing may clip at 0
+  keys = jax.random.split(jax.random.key(9), 64)
+  bright = np.asarray(_band_jitter(keys, img, (0.4, 0.0, 0.0, 0.0)))
+  factor = bright / img  # SSL4EO's RandomBrightness: one factor for every pixel and band
+  np.testing.assert_allclose(factor, factor[:, :1, :1, :1] * np.ones_like(factor), rtol=1e-5)
+  assert 0.6 <= factor.min() and factor.max() <= 1.4 and factor.std() > 0.1
+  contrast = np.asarray(_band_jitter(keys, img, (0.0, 0.4, 0.0, 0.0)))
+  band_mean = img.mean(axis=(0, 1))
+  # SSL4EO's RandomContrast: (x - mean) * c + mean, per band, with its own mean kept.
+  np.testing.assert_allclose(contrast.mean(axis=(1, 2)), np.broadcast_to(band_mean, (64, 4)), rtol=1e-5)
+  c = (contrast - band_mean) / (img - band_mean)
+  np.testing.assert_allclose(c, c[:, :1, :1, :1] * np.ones_like(c), rtol=1e-3)
+  assert 0.6 <= c.min() and c.max() <= 1.4
+
+
+def test_bilinear_crop_matches_pil():
+  from PIL import Image
+
+  img = band_images(batch=1, size=20, channels=1, seed=3)[0, :, :, 0]
+  top, left, h, w, out = 3, 5, 13, 9, 7  # a downscale (antialiased) in both directions
+  rows = augment._resize_weights(20, out, top, h, kernel=augment._triangle)
+  cols = augment._resize_weights(20, out, left, w, kernel=augment._triangle)
+  ours = np.asarray(augment._resample(jnp.asarray(img)[..., None], rows, cols))[..., 0]
+  pil = Image.fromarray(img, mode="F").crop((left, top, left + w, top + h)).resize((out, out), Image.BILINEAR)
+  np.testing.assert_allclose(ours, np.asarray(pil), atol=2e-5)
+
+
+def test_recipe_errors_name_the_field():
+  imgs = np.zeros((2, 12, 12, 4), np.float32)
+  rgb_on_four = augment.moco_v2(rgb=True)
+  with pytest.raises(ValueError, match=r"recipe.rgb is True but the images have 4 bands"):
+    augment.views(jax.random.key(0), imgs, rgb_on_four, 8)
+  hue_on_bands = augment.moco_v2(rgb=False)
+  hue_on_bands.jitter = (0.4, 0.4, 0.4, 0.1)
+  with pytest.raises(ValueError, match=r"recipe.jitter=.*saturation / hue"):
+    augment.views(jax.random.key(0), imgs, hue_on_bands, 8)
+  solarize_unbounded = augment.moco_v2(rgb=False)
+  solarize_unbounded.solarize_p = 0.2
+  with pytest.raises(ValueError, match=r"recipe.solarize_p needs a full value range"):
+    augment.views(jax.random.key(0), imgs, solarize_unbounded, 8)
+  with pytest.raises(ValueError, match=r"views got uint8 images but the recipe clips to \(0.0, 1.0\)"):
+    augment.views(jax.random.key(0), np.zeros((2, 12, 12, 3), np.uint8), augment.moco_v2(rgb=True), 8)
+  incomplete = augment.moco_v2(rgb=False).to_dict()
+  del incomplete["vflip_p"]
+  with pytest.raises(ValueError, match=r"recipe lacks field\(s\) \['vflip_p'\]"):
+    augment.views(jax.random.key(0), imgs, SimpleNamespace(**incomplete), 8)
+
+
+# ------------------------------------------------------------------------------ segmentation: image + mask
+
+SEG_PROBS = ("flip_p", "vflip_p", "rot90_p", "rotate_p", "jitter_p")
+IGNORE = -1
+SEG_SIZE = 16  # source tiles are SEG_SIZE x SEG_SIZE
+
+
+@functools.partial(jax.jit, static_argnames=("static_fields", "size"))
+def _jitted_segmentation(key, imgs, masks, probs, static_fields, size):
+  recipe = SimpleNamespace(**dict(static_fields), **probs)
+  return augment.segmentation_views(key, imgs, masks, recipe, size, IGNORE)
+
+
+def run_segmentation(recipe, imgs, masks, seed=0, size=12, **prob_overrides):
+  fields = recipe.to_dict()
+  probs = {f: jnp.asarray(prob_overrides.get(f, fields.pop(f)), jnp.float32) for f in SEG_PROBS}
+  static_fields = tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in fields.items()))
+  out_images, out_masks = _jitted_segmentation(jax.random.key(seed), imgs, masks, probs, static_fields, size)
+  return np.asarray(out_images), np.asarray(out_masks)
+
+
+def coordinate_tiles(batch=64):
+  """Image bands = the pixel's own (row, col); mask = the pixel's id row * SEG_SIZE + col."""
+  rows, cols = np.meshgrid(np.arange(SEG_SIZE), np.arange(SEG_SIZE), indexing="ij")
+  image = np.stack([rows, cols], axis=-1).astype(np.float32)
+  mask = (rows * SEG_SIZE + cols).astype(np.int32)
+  return np.repeat(image[None], batch, 0), np.repeat(mask[None], batch, 0)
+
+
+def rotating_recipe():
+  recipe = augment.landcoverai(rgb=False, rotate_degrees=30.0)
+  recipe.update(scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic", rotate_p=0.7, jitter=(0.4, 0.4, 0, 0))
+  return recipe
+
+
+def test_segmentation_keeps_image_and_mask_aligned_under_crops_rotations_flips():
+  imgs, masks = coordinate_tiles()
+  out_img, out_mask = run_segmentation(rotating_recipe(), imgs, masks, jitter_p=0.0)
+  assert out_img.shape == (64, 12, 12, 2) and out_mask.shape == (64, 12, 12) and out_mask.dtype == np.int32
+  labelled = out_mask != IGNORE
+  # mask == f(image): the source pixel the mask names is where the image's interpolated coordinates point.
+  # Nearest (mask) vs interpolated (image) differ by < 1 source pixel; a wrong flip or turn would be off by many.
+  row_error = np.abs(out_img[..., 0] - out_mask // SEG_SIZE)[labelled]
+  col_error = np.abs(out_img[..., 1] - out_mask % SEG_SIZE)[labelled]
+  assert row_error.max() < 1.5 and col_error.max() < 1.5, (row_error.max(), col_error.max())
+  assert np.median(row_error) < 0.5 and np.median(col_error) < 0.5
+  # Rotations reach past the source: ignore_index in the mask, 0 in the image, and only when rotating.
+  assert 0 < (~labelled).mean() < 0.3
+  assert (out_img[~labelled] == 0).all()
+  _, unrotated = run_segmentation(rotating_recipe(), imgs, masks, jitter_p=0.0, rotate_p=0.0)
+  assert (unrotated != IGNORE).all()
+  # Every orientation shows up: the sign of d(row)/d(out row) and d(col)/d(out col), and transposes (quarter turns).
+  d_rows = np.sign(np.median(np.diff(out_img[..., 0], axis=1), axis=(1, 2)))
+  d_cols = np.sign(np.median(np.diff(out_img[..., 1], axis=2), axis=(1, 2)))
+  assert {-1.0, 1.0} <= set(d_rows[d_rows != 0]) and {-1.0, 1.0} <= set(d_cols[d_cols != 0])
+  transposed = np.abs(np.median(np.diff(out_img[..., 0], axis=2), axis=(1, 2))) > 0.5
+  assert 0.2 < transposed.mean() < 0.8
+
+
+def test_segmentation_mask_is_nearest_and_untouched_by_colour():
+  imgs, _ = coordinate_tiles()
+  classes = np.random.default_rng(4).choice(np.array([0, 1, 2, 4], np.int32), (64, SEG_SIZE, SEG_SIZE))
+  plain_img, plain_mask = run_segmentation(rotating_recipe(), imgs, classes, jitter_p=0.0)
+  jit_img, jit_mask = run_segmentation(rotating_recipe(), imgs, classes, jitter_p=1.0)
+  np.testing.assert_array_equal(jit_mask, plain_mask)
+  assert set(np.unique(plain_mask)) <= {0, 1, 2, 4, IGNORE}  # nearest: no blended class 3
+  assert (np.abs(jit_img - plain_img).reshape(64, -1).max(axis=1) > 1e-3).all()
+  assert (jit_img[plain_mask == IGNORE] == 0).all()  # jitter does not paint the fill either
+
+
+DIHEDRAL = [lambda a, k=k, f=f: np.rot90(a[:, ::-1] if f else a, k) for k in range(4) for f in (False, True)]
+
+
+def test_segmentation_flips_and_quarter_turns_are_exact_and_uniform():
+  recipe = augment.landcoverai(rgb=True)
+  rng = np.random.default_rng(5)
+  imgs = rng.uniform(size=(64, SEG_SIZE, SEG_SIZE, 3)).astype(np.float32)
+  masks = rng.integers(0, 5, (64, SEG_SIZE, SEG_SIZE), dtype=np.int32)
+  out_img, out_mask = run_segmentation(recipe, imgs, masks, size=SEG_SIZE, jitter_p=0.0)
+  seen = []
+  for i in range(64):
+    hits = [j for j, t in enumerate(DIHEDRAL) if np.array_equal(out_img[i], t(imgs[i]))]
+    assert len(hits) == 1, i
+    np.testing.assert_array_equal(out_mask[i], DIHEDRAL[hits[0]](masks[i]))
+    seen.append(hits[0])
+  assert len(set(seen)) == 8  # all orientations: quarter turns (p 0.75, uniform) x flips
+  # RoboSat's recipe: the same family, horizontal flips only among the flips.
+  _, robosat_masks = run_segmentation(augment.robosat(), imgs, masks, size=SEG_SIZE)
+  assert robosat_masks.shape == (64, SEG_SIZE, SEG_SIZE) and (robosat_masks != IGNORE).all()
+
+
+def test_segmentation_bad_inputs():
+  imgs, masks = coordinate_tiles(batch=2)
+  recipe = rotating_recipe()
+  with pytest.raises(ValueError, match=r"masks \[B, H, W\] matching"):
+    augment.segmentation_views(jax.random.key(0), imgs, masks[:, :8], recipe, 8, IGNORE)
+  with pytest.raises(ValueError, match="integer class-id masks"):
+    augment.segmentation_views(jax.random.key(0), imgs, masks.astype(np.float32), recipe, 8, IGNORE)
+  recipe.rotate_degrees = 90.0
+  with pytest.raises(ValueError, match=r"recipe.rotate_degrees must be in \[0, 45\]"):
+    augment.segmentation_views(jax.random.key(0), imgs, masks, recipe, 8, IGNORE)
+
+
+def test_segmentation_with_batch_sharded_over_devices():
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  imgs, masks = coordinate_tiles()  # the alignment test's shapes: the local run reuses its compile
+  sharded = run_segmentation(rotating_recipe(), jax.device_put(imgs, sharding), jax.device_put(masks, sharding))
+  local = run_segmentation(rotating_recipe(), imgs, masks)
+  np.testing.assert_allclose(sharded[0], local[0], atol=1e-5)
+  np.testing.assert_array_equal(sharded[1], local[1])

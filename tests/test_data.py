@@ -20,8 +20,10 @@ from jaxgeo.data import (
   BadSampleError,
   BigEarthNetSource,
   build_source,
+  data_config,
   make_iter_dataset,
   normalization_stats,
+  pack,
   resize_bilinear,
   steps_per_epoch,
   synthetic,
@@ -71,7 +73,7 @@ def test_synthetic_files_are_georeferenced_geotiffs_at_native_band_sizes(dataset
       assert (src.driver, src.count, src.height, src.width, src.dtypes[0]) == ("GTiff", 1, size, size, "uint16")
       assert src.crs.to_epsg() == 32633
       assert src.transform.a == ben.BAND_RESOLUTION_M[band] and src.transform.e == -ben.BAND_RESOLUTION_M[band]
-      assert 0 < src.read(1).min() and src.read(1).max() < 20000
+      assert 0 <= src.read(1).min() and src.read(1).max() < 20000
   with open(os.path.join(root, name, f"{name}_labels_metadata.json")) as f:
     meta = json.load(f)
   assert {"labels", "coordinates", "projection", "tile_source", "acquisition_date"} <= set(meta)
@@ -130,7 +132,7 @@ def test_source_rgb_and_all_bands(dataset):
     assert a["image"].shape == (120, 120, 3) and b["image"].shape == (120, 120, 12)
     assert a["image"].dtype == b["image"].dtype == np.float32
     assert 0.0 <= a["image"].min() and a["image"].max() <= 1.0
-    assert 0.0 < b["image"].min() and b["image"].max() < 2.0
+    assert 0.0 <= b["image"].min() and b["image"].max() < 2.0  # 0: dark pixels clipped by L2A, kept
     # rgb is B04, B03, B02 at reflectance / 2000 clipped; "all" is reflectance / 10000.
     np.testing.assert_allclose(a["image"], np.clip(b["image"][..., [3, 2, 1]] * 5.0, 0, 1), atol=1e-5)
     assert a["index"] == i and a["index"].dtype == np.int32
@@ -149,6 +151,54 @@ def test_resize_bilinear_keeps_constants_and_aligns_centres():
   up = resize_bilinear(ramp, (3, 120))
   # 10 m pixel j has its centre at 20 m coordinate (j + 0.5) / 2 - 0.5.
   np.testing.assert_allclose(up[0, 2:-2], (np.arange(120)[2:-2] + 0.5) / 2 - 0.5, atol=1e-5)
+
+
+def _torch_bilinear(image, size):
+  """PyTorch's bilinear resize (align_corners=False, no antialias) of an [H, W] image: the reference geometry."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  tensor = torch.from_numpy(np.asarray(image, np.float64))[None, None]
+  return torch.nn.functional.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+@pytest.mark.parametrize(
+  ("in_size", "out_size"),
+  [((20, 20), (120, 120)), ((60, 60), (120, 120)), ((120, 120), (64, 64)), ((60, 20), (224, 37))],
+)
+def test_resize_bilinear_matches_torch_and_is_exact_on_flat_areas(in_size, out_size):
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 10000, in_size).astype(np.uint16)
+  np.testing.assert_allclose(resize_bilinear(image, out_size), _torch_bilinear(image, out_size), rtol=1e-6, atol=1e-3)
+  # Trailing axes ride along: a stack of bands resizes as each band alone, bit for bit.
+  stack = np.stack([image, image[::-1], image // 3], axis=-1)
+  together = resize_bilinear(stack, out_size)
+  for k in range(3):
+    assert np.array_equal(together[..., k], resize_bilinear(stack[..., k], out_size))
+  # Flat areas come out exactly, also where the flat area is only part of the image.
+  for level in (0, 1, 7, 3333, 65535):
+    assert np.array_equal(
+      resize_bilinear(np.full(in_size, level, np.uint16), out_size), np.full(out_size, level, np.float32)
+    )
+  halves = np.zeros(in_size, np.uint16)
+  halves[:, in_size[1] // 2 :] = 4097
+  out = resize_bilinear(halves, out_size)
+  cols = np.arange(out_size[1])
+  source_col = (cols + 0.5) * in_size[1] / out_size[1] - 0.5
+  assert np.all(out[:, source_col < in_size[1] // 2 - 1] == 0)
+  assert np.all(out[:, source_col >= in_size[1] // 2] == 4097)
+
+
+def test_bands_to_image_is_per_band_resize_then_scaling():
+  rng = np.random.default_rng(1)
+  bands = [rng.integers(0, 12000, ben.band_shape(b)).astype(np.uint16) for b in ALL_BANDS]
+  bands[4] = rng.integers(0, 12000, (120, 120)).astype(np.int16)  # a band already on the 10 m grid
+  for size, rgb in ((120, False), (64, False), (120, True)):
+    image = ben.bands_to_image(bands, size, rgb)
+    assert image.shape == (size, size, 12) and image.dtype == np.float32
+    for c, band in enumerate(bands):
+      expected = resize_bilinear(band, (size, size)) if band.shape != (size, size) else band.astype(np.float32)
+      expected = np.clip(expected / np.float32(2000), 0, 1) if rgb else expected / np.float32(10000)
+      assert np.array_equal(image[..., c], expected), (size, rgb, c)
 
 
 def test_three_metadata_forms_load_the_same_split(dataset, tmp_path):
@@ -213,14 +263,33 @@ def _rewrite(path, array, **kwargs):
   write_geotiff(path, array, crs="EPSG:32633", transform=Affine(10, 0, 0, 0, -10, 0), **kwargs)
 
 
+def _negative_pixel(path):
+  band = np.full((60, 60), 500, np.int16)
+  band[3, 4] = -7
+  _rewrite(path, band)
+
+
 BAD_BAND_CASES = {
   "truncated": ("B04", _truncate, "truncated or corrupt"),
   "missing": ("B11", os.remove, "missing band file"),
-  "wrong_size": ("B05", lambda p: _rewrite(p, np.ones((120, 120), np.uint16)), "wrong size 120x120, expected 60x60"),
+  "wrong_size": (
+    "B05",
+    lambda p: _rewrite(p, np.ones((30, 30), np.uint16)),
+    "wrong size 30x30, expected 60x60 or 120x120",
+  ),
   "nan_float": ("B02", lambda p: _rewrite(p, np.full((120, 120), np.nan, np.float32)), "NaN pixels"),
-  "float_dtype": ("B03", lambda p: _rewrite(p, np.ones((120, 120), np.float32)), "wrong dtype float32"),
-  "nodata": ("B08", lambda p: _rewrite(p, np.full((120, 120), 9, np.uint16), nodata=9), "nodata pixels"),
-  "zero_is_s2_nodata": ("B01", lambda p: _rewrite(p, np.zeros((20, 20), np.uint16)), "400 nodata pixels"),
+  "float_dtype": (
+    "B03",
+    lambda p: _rewrite(p, np.ones((120, 120), np.float32)),
+    "wrong dtype float32, expected an integer",
+  ),
+  "nodata_tag": (
+    "B08",
+    lambda p: _rewrite(p, np.full((120, 120), 9, np.uint16), nodata=9),
+    r"all 14400 pixels are nodata \(value 9\)",
+  ),
+  "all_zero": ("B01", lambda p: _rewrite(p, np.zeros((20, 20), np.uint16)), r"all 400 pixels are nodata \(value 0\)"),
+  "negative_int16": ("B06", _negative_pixel, r"1 pixel\(s\) below 0 \(lowest -7\)"),
 }
 
 
@@ -234,6 +303,156 @@ def test_bad_band_file_error_names_file_and_problem(dataset_copy, case):
     source[0]
   assert str(info.value).startswith(path) and info.value.path == path
   source[1]  # the others still load
+
+
+def _set_dark_pixels(root, names, count, bands=ALL_BANDS):
+  """`count` pixels of 0 (clipped dark reflectance) in each listed band of each patch."""
+  for name in names:
+    for band in bands:
+      path = _band_path(root, name, band)
+      with rasterio.open(path) as src:
+        pixels, profile = src.read(1), src.profile
+      pixels.ravel()[np.random.default_rng(len(name)).choice(pixels.size, count, replace=False)] = 0
+      with rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels, 1)
+
+
+def test_dark_zero_pixels_are_not_holes(dataset_copy, tmp_path):
+  root, metadata = dataset_copy
+  source = BigEarthNetSource(root, metadata, split="train", bands="all")
+  _set_dark_pixels(root, source.names, 5)
+  for i in range(len(source)):
+    image = source[i]["image"]
+    assert np.count_nonzero(image[..., ALL_BANDS.index("B02")] == 0) >= 5  # 10 m: the zeros come through as 0
+  batches = list(
+    make_iter_dataset(
+      source, batch_size_per_process=4, seed=0, num_epochs=1, on_bad_sample="skip", drop_remainder=False
+    )
+  )
+  assert sum(int(b["num_skipped"].sum()) for b in batches) == 0
+  assert sorted(_loaded_indices(batches)) == list(range(len(source)))
+  assert check_dataset({"root": root, "metadata": metadata, "bands": "all"}, splits=("train",)) == []
+  manifest = pack.pack(root, str(tmp_path / "store"), metadata=metadata, splits=["train"])
+  assert manifest["skipped"] == {} and manifest["splits"]["train"]["count"] == len(source)
+  assert (manifest["nodata"], manifest["max_nodata_fraction"]) == (0, ben.DEFAULT_MAX_NODATA_FRACTION)
+
+
+def test_nodata_fraction_policy_from_config(dataset_copy, capsys):
+  root, metadata = dataset_copy
+  config = {"root": root, "metadata": metadata, "bands": "all"}
+  source = build_source(config, "train")
+  name = source.names[0]
+  _set_dark_pixels(root, [name], 2400, bands=["B11"])  # 2/3 of a 60 x 60 band: open water in SWIR
+  source[0]  # the default keeps it
+  strict = build_source({**config, "max_nodata_fraction": 0.5}, "train")
+  assert (strict.nodata, strict.max_nodata_fraction) == (0, 0.5)
+  path = _band_path(root, name, "B11")
+  with pytest.raises(
+    BadSampleError, match=r"2400 of 3600 pixels \(66.7%\) are nodata \(value 0\), more than max_nodata_fraction=0.5"
+  ) as info:
+    strict[0]
+  assert info.value.path == path
+  assert [e.path for e in strict.problems(0)] == [path]
+  assert check_main([f"--root={root}", f"--metadata={metadata}", "--splits=train", "--max_nodata_fraction=0.5"]) == 1
+  out = capsys.readouterr().out
+  assert "data.max_nodata_fraction=0.5" in out and "data.nodata=0" in out and path in out
+  assert check_main([f"--root={root}", f"--metadata={metadata}", "--splits=train"]) == 0
+  assert "data.max_nodata_fraction=1" in capsys.readouterr().out
+  # A band with no valid pixel is bad under the default too; nodata=None turns the value off (the file has no tag).
+  _rewrite(_band_path(root, name, "B02"), np.zeros((120, 120), np.uint16))
+  with pytest.raises(BadSampleError, match="all 14400 pixels are nodata") as info:
+    source[0]
+  assert info.value.path == _band_path(root, name, "B02")
+  for off in (None, float("nan")):  # nan: what a command line can say for None
+    assert np.all(build_source({**config, "nodata": off}, "train")[0]["image"][..., 1] == 0)
+  for bad in ({"max_nodata_fraction": 1.5}, {"max_nodata_fraction": "half"}, {"nodata": "zero"}):
+    with pytest.raises(ValueError, match="data.max_nodata_fraction|data.nodata"):
+      build_source({**config, **bad}, "train")
+  defaults = data_config("bigearthnet")
+  assert (defaults.nodata, defaults.max_nodata_fraction) == (0, 1.0)
+
+
+def _store_as_derivatives_do(path, dtype, size=None):
+  """Rewrites a band file as derivatives store it: resampled to `size` (rounded) and/or in another dtype."""
+  with rasterio.open(path) as src:
+    pixels = src.read(1)
+  if size is not None:
+    pixels = np.round(resize_bilinear(pixels, (size, size)))
+  _rewrite(path, pixels.astype(dtype))
+  return pixels.astype(np.float32)
+
+
+def test_bands_already_on_the_10m_grid_and_other_integer_dtypes(dataset_copy, tmp_path, caplog, monkeypatch):
+  monkeypatch.setattr(ben, "_FORMS_SEEN", set())
+  root, metadata = dataset_copy
+  source = BigEarthNetSource(root, metadata, split="train", bands="all")
+  before = [source[i]["image"] for i in range(3)]
+  stored = {}
+  for i in range(3):  # TorchGeo-like: B05 at 120 px in int16, B01 native in int16, B8A native in uint8
+    stored[i] = _store_as_derivatives_do(_band_path(root, source.names[i], "B05"), np.int16, size=120)
+    _store_as_derivatives_do(_band_path(root, source.names[i], "B01"), np.int16)
+  with rasterio.open(_band_path(root, source.names[0], "B8A")) as src:
+    _rewrite(_band_path(root, source.names[0], "B8A"), np.minimum(src.read(1), 255).astype(np.uint8))
+  with caplog.at_level(logging.INFO, logger="jaxgeo.data.bigearthnet"):
+    after = [source[i]["image"] for i in range(3)]
+    source[0]
+  for i in range(3):
+    b05, b01 = ALL_BANDS.index("B05"), ALL_BANDS.index("B01")
+    assert np.array_equal(after[i][..., b05], stored[i] / np.float32(10000))  # not resampled a second time
+    assert np.array_equal(after[i][..., b01], before[i][..., b01])  # int16 reads as the uint16 did
+    others = [c for c in range(12) if c not in (b05, b01, ALL_BANDS.index("B8A"))]
+    assert np.array_equal(after[i][..., others], before[i][..., others])
+  notes = [r.getMessage() for r in caplog.records]
+  assert sum("B05 stored at 120 px (already on the 10 m grid)" in n and "dtype int16" in n for n in notes) == 1
+  assert sum("B01 stored at its native 20 px; dtype int16" in n for n in notes) == 1
+  assert sum("B8A" in n and "dtype uint8" in n for n in notes) == 1
+  # int16 files often tag -32768 as nodata: such pixels read as 0 (what L2A writes), never as a huge negative value.
+  path = _band_path(root, source.names[3], "B12")
+  with rasterio.open(path) as src:
+    b12 = src.read(1).astype(np.int16)
+  b12[:2, :5] = -32768
+  _rewrite(path, b12, nodata=-32768)
+  image = source[3]["image"][..., ALL_BANDS.index("B12")]
+  assert image.min() >= 0 and np.array_equal(
+    source.read_stored_band(os.path.dirname(path), "B12")[:2, :5], np.zeros((2, 5))
+  )
+  # The packed store keeps them as they were found and gives the same samples.
+  pack.pack(root, str(tmp_path / "store"), metadata=metadata, splits=["train"])
+  store = pack.PackedSource(str(tmp_path / "store"), split="train", bands="all")
+  for i in range(3):
+    assert np.array_equal(store[i]["image"], after[i])
+  assert np.array_equal(store[3]["image"], source[3]["image"])
+  small = pack.PackedSource(str(tmp_path / "store"), split="train", bands="all", image_size=64)
+  assert np.array_equal(
+    small[0]["image"], BigEarthNetSource(root, metadata, split="train", bands="all", image_size=64)[0]["image"]
+  )
+
+
+def test_v2_layout_without_metadata_finds_patches_in_tile_folders(dataset_copy):
+  root, _ = dataset_copy
+  v1 = {split: BigEarthNetSource(root, None, split=split, bands="rgb") for split in ben.SPLITS}
+  expected = {split: {s.names[i]: s[i] for i in range(len(s))} for split, s in v1.items()}
+  names = sorted(os.listdir(root))
+  # Tile folders named unlike the patches (so the layout is found, not guessed); a few patches stay at the top.
+  for k, name in enumerate(names[3:]):
+    tile = os.path.join(root, f"S2B_MSIL2A_tile{k % 4}")
+    os.makedirs(tile, exist_ok=True)
+    shutil.move(os.path.join(root, name), os.path.join(tile, name))
+  assert ben.find_patches(root)[names[5]].startswith("S2B_MSIL2A_tile")
+  for split in ben.SPLITS:
+    source = BigEarthNetSource(root, None, split=split, bands="rgb")
+    assert source.names == v1[split].names
+    for i, name in enumerate(source.names):
+      assert np.array_equal(source[i]["image"], expected[split][name]["image"])
+      assert np.array_equal(source[i]["labels"], expected[split][name]["labels"])
+  # A folder in a tile without band files is still listed, so its missing files are reported, not dropped.
+  os.makedirs(os.path.join(root, "S2B_MSIL2A_tile0", "S2B_lost_1_1"))
+  assert ben.find_patches(root)["S2B_lost_1_1"] == os.path.join("S2B_MSIL2A_tile0", "S2B_lost_1_1")
+  lost = BigEarthNetSource(root, None, split=ben.hash_split("S2B_lost_1_1"), bands="rgb")
+  index = lost.names.index("S2B_lost_1_1")
+  with pytest.raises(BadSampleError, match="missing band file") as info:
+    lost[index]
+  assert "S2B_MSIL2A_tile0" in info.value.path
 
 
 def test_v2_layout_with_tile_folders(dataset_copy):
@@ -352,6 +571,12 @@ class _FakeSource:
     }
 
 
+def _loaded_indices(batches):
+  """Indices of the samples the batches really hold: rows marked `valid` (padding and stand-ins for bad samples
+  are not), or every row where the pipeline marks none."""
+  return [int(i) for b in batches for i, ok in zip(b["index"], b.get("valid", np.ones(len(b["index"]), bool))) if ok]
+
+
 def _take(dataset, n):
   iterator = iter(dataset)
   return [next(iterator) for _ in range(n)]
@@ -428,8 +653,8 @@ def test_skip_mode_counts_and_logs_each_bad_sample_once(caplog):
   )
   with caplog.at_level(logging.WARNING, logger="jaxgeo.data.pipeline"):
     batches = list(dataset)
-  indices = np.concatenate([b["index"] for b in batches])
-  assert sorted(indices.tolist()) == sorted([i for i in range(12) if i not in (2, 7, 8)] * 2)
+  indices = _loaded_indices(batches)
+  assert sorted(indices) == sorted([i for i in range(12) if i not in (2, 7, 8)] * 2)
   assert sum(int(b["num_skipped"].sum()) for b in batches) == 6
   warnings = [r.getMessage() for r in caplog.records if "Skipping bad sample" in r.getMessage()]
   assert len(warnings) == 3 and all("/fake/" in w for w in warnings)
@@ -447,7 +672,7 @@ def test_skip_mode_on_real_files(dataset_copy):
       source, batch_size_per_process=4, seed=0, num_epochs=1, on_bad_sample="skip", drop_remainder=False
     )
   )
-  indices = np.concatenate([b["index"] for b in batches]).tolist()
+  indices = _loaded_indices(batches)
   assert sum(int(b["num_skipped"].sum()) for b in batches) == 2
   assert sorted(indices) == [i for i in range(len(source)) if i not in (1, 4)]
   with pytest.raises(BadSampleError, match=source.names[1]):

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -28,7 +29,7 @@ if os.path.join(REPO, "configs") not in sys.path:
   sys.path.insert(0, os.path.join(REPO, "configs"))
 import dino_ben  # noqa: E402
 
-STEPS = 4  # one smoke epoch: the schedules' warm-up fits, and checkpoints land at steps 2 and 4
+STEPS = 8  # smoke epochs: the schedules' warm-up fits, and checkpoints land at steps 2, 4, 6 and 8
 KNN_EVERY = 2
 PROCESSES = 2
 
@@ -80,8 +81,8 @@ def _subprocess_env(devices_per_process):
   return env
 
 
-def _launch(workdir, synthetic_dir, log_path, timeout=420):
-  """launch/local_processes.sh with 2 processes; the whole process group dies if it overruns."""
+def _start(workdir, synthetic_dir, log):
+  """launch/local_processes.sh with 2 processes in a new session (so the whole group can be killed)."""
   command = [
     "bash",
     os.path.join(REPO, "launch", "local_processes.sh"),
@@ -92,15 +93,20 @@ def _launch(workdir, synthetic_dir, log_path, timeout=420):
     f"--config.train.steps={STEPS}",
     f"--config.eval.knn_every={KNN_EVERY}",
   ]
+  return subprocess.Popen(
+    command,
+    cwd=REPO,
+    env=_subprocess_env(8 // PROCESSES),
+    stdout=log,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+  )
+
+
+def _launch(workdir, synthetic_dir, log_path, timeout=420):
+  """A 2-process run to its end; the whole process group dies if it overruns."""
   with open(log_path, "w") as log:
-    proc = subprocess.Popen(
-      command,
-      cwd=REPO,
-      env=_subprocess_env(8 // PROCESSES),
-      stdout=log,
-      stderr=subprocess.STDOUT,
-      start_new_session=True,
-    )
+    proc = _start(workdir, synthetic_dir, log)
     try:
       returncode = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -137,12 +143,12 @@ def fsdp_run(dist_synthetic_dir, tmp_path_factory):
   live = {}
   original_save = checkpoint.Checkpointer.save
 
-  def recording_save(self, step, state, iterator):
+  def recording_save(self, step, state, loop_state):
     live[step] = {
       parallel.path_str(path): (leaf.shape, leaf.sharding, leaf.addressable_shards[0].data.shape)
       for path, leaf in jax.tree_util.tree_leaves_with_path(state)
     }
-    return original_save(self, step, state, iterator)
+    return original_save(self, step, state, loop_state)
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(checkpoint.Checkpointer, "save", recording_save)
@@ -152,7 +158,7 @@ def fsdp_run(dist_synthetic_dir, tmp_path_factory):
 
 def _restore_state(workdir, target):
   """The saved train state restored into `target`'s shardings (the loop's resume path, without the data)."""
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "loop"))
   try:
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   finally:
@@ -172,7 +178,7 @@ def _abstract_state(config, mesh):
     std=std,
     mesh=mesh,
   )
-  abstract = jax.eval_shape(task.init, jax.random.PRNGKey(config.seed))
+  abstract = jax.eval_shape(loop.with_loop_fields(task.init), jax.random.PRNGKey(config.seed))
   return task, abstract, parallel.tree_shardings(abstract, config.sharding_rules, mesh)
 
 
@@ -184,8 +190,9 @@ def test_process_blocks_rebuild_the_single_process_batches(drop_remainder):
   source = [{"index": np.int32(i)} for i in range(23)]
 
   def batches(process_index, process_count, rows):
+    # Padding rows of a last evaluation batch (valid False) are placeholders: only valid rows are data.
     return [
-      b["index"]
+      b["index"][b["valid"]]
       for b in pipeline.make_iter_dataset(
         source,
         batch_size_per_process=rows,
@@ -239,10 +246,9 @@ def test_only_process_zero_writes_and_logs(two_process_run):
 def test_two_process_checkpoint_restores(two_process_run, replicated_run, dist_synthetic_dir):
   workdir, _ = two_process_run
   latest = os.path.join(workdir, "checkpoints", str(STEPS))
-  # Each process saved its own Grain iterator position: 4 local batches of 8 rows read.
-  for p in range(PROCESSES):
-    with open(os.path.join(latest, "data", f"process_{p}-of-{PROCESSES}.json")) as f:
-      assert json.load(f)["next_index"] == STEPS * 8
+  # The loop's own counters are saved once (the data position is the step itself: no per-process state).
+  assert not os.path.exists(os.path.join(latest, "data"))
+  assert os.path.isdir(os.path.join(latest, "loop"))
   # The state both processes wrote restores here, on one process, straight into FSDP shardings.
   config = make_config(dist_synthetic_dir, data_axis=2, fsdp_axis=4)
   mesh = parallel.make_mesh(config.mesh)
@@ -274,13 +280,13 @@ def test_fsdp_trains_like_replicated(fsdp_run, replicated_run):
 
 def test_fsdp_shards_the_live_state(fsdp_run):
   _, live = fsdp_run
-  assert sorted(live) == [2, STEPS]
+  assert sorted(live) == list(range(2, STEPS + 1, 2))
   state = live[STEPS]
   sharded_bytes = total_bytes = 0
   for name, (shape, sharding, shard_shape) in state.items():
     size = int(np.prod(shape))
     total_bytes += size
-    if name in ("step", "rng") or name.endswith("/count"):
+    if name in ("step", "rng", "lr_scale") or name.endswith("/count"):
       continue
     # Every parameter, teacher and optimizer moment of the smoke model has a dimension divisible by 4.
     assert "fsdp" in sharding.spec, f"{name} {shape} is not sharded: {sharding.spec}"
@@ -332,3 +338,79 @@ def test_vit_b_state_is_created_sharded():
   for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"]):
     if leaf.ndim:
       assert "fsdp" in leaf.sharding.spec, (parallel.path_str(path), leaf.sharding.spec)
+
+
+# ---- a 2-process run killed with SIGKILL resumes bit for bit, like the 1-process one (test_robustness.py)
+
+
+def test_two_process_run_killed_and_resumed_is_bit_exact(two_process_run, dist_synthetic_dir, tmp_path):
+  reference, _ = two_process_run
+  workdir = tmp_path / "killed"
+  with open(tmp_path / "first.log", "w") as log:
+    proc = _start(workdir, dist_synthetic_dir, log)
+    deadline = time.monotonic() + 420
+    # Half way: step 4 committed (Orbax renames the step folder into place only once it is complete).
+    while not (workdir / "checkpoints" / str(STEPS // 2)).is_dir():
+      assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+      assert time.monotonic() < deadline, "no checkpoint within the time limit"
+      time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+  assert not (workdir / "checkpoints" / str(STEPS)).is_dir(), "the run ended before it could be killed"
+  output = _launch(workdir, dist_synthetic_dir, tmp_path / "resumed.log")
+  resumed_from = int(re.search(r"resuming from step (\d+) of", output).group(1))
+  assert STEPS // 2 <= resumed_from < STEPS
+  want, got = losses(reference), losses(str(workdir))
+  assert sorted(got) == sorted(want) == list(range(1, STEPS + 1)), "each step once in metrics.jsonl"
+  for step in want:
+    assert got[step]["loss"] == want[step]["loss"], step
+  for a, b in zip(
+    jax.tree.leaves(checkpoint.load_state(reference)), jax.tree.leaves(checkpoint.load_state(str(workdir)))
+  ):
+    np.testing.assert_array_equal(a, b)
+
+
+# ---- evaluation batches: a last global batch with fewer rows than processes must neither hang nor lose rows
+
+
+def test_features_gathered_when_last_batch_has_fewer_rows_than_processes(tmp_path):
+  """17 rows, 8 per process: the last global batch has 1 row, so process 1's share of it is empty."""
+  script = os.path.join(REPO, "tests", "two_process_features.py")
+  port = __import__("portpicker").pick_unused_port()
+  procs = []
+  for p in range(PROCESSES):
+    env = dict(
+      _subprocess_env(8 // PROCESSES),
+      JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+      JAX_NUM_PROCESSES=str(PROCESSES),
+      JAX_PROCESS_ID=str(p),
+    )
+    out = open(tmp_path / f"p{p}.json", "w")
+    procs.append(
+      (
+        subprocess.Popen(
+          [sys.executable, script],
+          cwd=REPO,
+          env=env,
+          stdout=out,
+          stderr=subprocess.PIPE,
+          text=True,
+          start_new_session=True,
+        ),
+        out,
+      )
+    )
+  results = []
+  for p, (proc, out) in enumerate(procs):
+    try:
+      _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+      for other, _ in procs:
+        os.killpg(other.pid, signal.SIGKILL)
+      raise AssertionError("feature gathering hung: a process waited in a collective the other never reached") from None
+    out.close()
+    assert proc.returncode == 0, err[-4000:]
+    results.append(json.loads((tmp_path / f"p{p}.json").read_text().strip().splitlines()[-1]))  # after gloo chatter
+  for result in results:  # every process holds every row, once, in order, with its own features
+    assert result["index"] == list(range(17))
+    np.testing.assert_allclose(result["features"], [[3.0 * i] for i in range(17)])

@@ -146,7 +146,9 @@ def test_nonfinite_steps_can_be_skipped(nan_patch, synthetic_dir, tmp_path):
 def test_full_disk_is_refused_at_start(tmp_path, monkeypatch):
   abstract = {"w": jax.ShapeDtypeStruct((1024, 1024), np.float32)}  # 4 MiB
   monkeypatch.setattr(checks.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1 << 20))
-  with pytest.raises(OSError, match="GiB free"):
+  with pytest.raises(
+    checkpoint.DiskFullError, match=r"1\.0 MiB free but 3 checkpoints of about 4\.5 MiB need 18\.0 MiB"
+  ):
     checks.check_disk(str(tmp_path), abstract, keep=3)
 
 

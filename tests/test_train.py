@@ -153,7 +153,7 @@ def test_training_starts_from_pytorch_weights(smoke_run, tmp_path):
   abstract = jax.eval_shape(task.init, jax.random.PRNGKey(0))
   shardings = parallel.tree_shardings(abstract, config.sharding_rules, mesh)
   fresh = jax.jit(task.init, out_shardings=shardings)(jax.random.PRNGKey(0))
-  state = loop._import_backbone(config, task, fresh, shardings)
+  state = jax.device_put(task.import_pretrained(fresh), shardings)  # what the loop does on a fresh start
   for key in ("params", "teacher"):
     for a, b in zip(jax.tree.leaves(state[key]["backbone"]), jax.tree.leaves(trained)):
       np.testing.assert_array_equal(np.asarray(a), b)

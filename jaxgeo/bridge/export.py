@@ -3,7 +3,8 @@
 Exported names load with strict=True into: the DINO VisionTransformer (backbone only: bare keys, as the
 released files), MultiCropWrapper(backbone, DINOHead) (backbone + head: "backbone.*" / "head.*"), torchvision's
 resnet50 (fc / MoCo fc.0, fc.2 when the model has one; "adapter.0/1" for a band adapter, which torchvision has
-no slot for).
+no slot for), torchvision's swin_v2_t/s/b (with the window-8 buffers) and the SwinV2 SegmentationModel
+("backbone.*" torchvision Swin, "fpn.*" torchvision FPN, "head.*"; benchmarks/torch_swin.py).
 
 The jaxgeo file format is safetensors (no pickle) with '/'-joined flax paths ("params/blocks_0/attn/qkv/kernel")
 and the model's constructor fields as JSON in the metadata, so `load_jax_file` rebuilds (model, variables).
@@ -21,6 +22,7 @@ import numpy as np
 from jaxgeo.bridge import common
 from jaxgeo.bridge.common import FORMAT_KEY, FORMAT_VERSION
 from jaxgeo.bridge.resnet import RESNET
+from jaxgeo.bridge.swin import segmentation_to_torch, swin_to_torch
 from jaxgeo.bridge.vit import VIT, VitWithHead, head_to_torch
 
 
@@ -36,11 +38,16 @@ def to_torch_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Torch-named numpy state dict from {"params": ..., ["batch_stats": ...]} or a bare params tree.
 
   The family is recognised from the names: cls_token (ViT), backbone + head (ViT + DINOHead), conv1 +
-  layer1_0 (ResNet-50).
+  layer1_0 (ResNet-50), features_0_0 (SwinV2; buffers for window 8), backbone + fpn + head (SwinV2
+  SegmentationModel).
   """
   variables = _numpy_tree(dict(variables))
   params = variables.get("params", variables)
   stats = variables.get("batch_stats", {})
+  if "fpn" in params and "features_0_0" in params.get("backbone", {}):
+    return segmentation_to_torch(params)
+  if "features_0_0" in params:
+    return swin_to_torch(params)
   if "backbone" in params and "head" in params:
     state = {f"backbone.{k}": v for k, v in vit_to_torch(params["backbone"]).items()}
     nlayers, use_bn = _head_layout(params["head"])
@@ -94,9 +101,14 @@ def _fields(module) -> dict:
 
 def model_spec(model) -> dict:
   """JSON-able description of a bridge model: {"family", "config"}."""
+  from jaxgeo.models.fpn import SegmentationModel
   from jaxgeo.models.resnet import ResNet50
+  from jaxgeo.models.swin import SwinTransformerV2
   from jaxgeo.models.vit import VisionTransformer
 
+  if isinstance(model, (SwinTransformerV2, SegmentationModel)):
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in _fields(model).items()}
+    return {"family": "swin_v2" if isinstance(model, SwinTransformerV2) else "swin_segmentation", "config": config}
   if isinstance(model, VitWithHead):
     return {"family": "vit+dino_head", "config": {"backbone": _fields(model.backbone), "head": _fields(model.head)}}
   if isinstance(model, VisionTransformer):
@@ -109,11 +121,16 @@ def model_spec(model) -> dict:
 
 
 def build_model(spec: Mapping[str, Any]):
+  from jaxgeo.models.fpn import SegmentationModel
   from jaxgeo.models.heads import DINOHead
   from jaxgeo.models.resnet import ResNet50
+  from jaxgeo.models.swin import SwinTransformerV2
   from jaxgeo.models.vit import VisionTransformer
 
   family, config = spec["family"], spec["config"]
+  if family in ("swin_v2", "swin_segmentation"):
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return (SwinTransformerV2 if family == "swin_v2" else SegmentationModel)(**config)
   if family == "vit":
     return VisionTransformer(**config)
   if family == "vit+dino_head":

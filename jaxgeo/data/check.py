@@ -1,8 +1,11 @@
 """Scan a BigEarthNet-S2 dataset with the training readers and report every problem, without training.
 
-    python -m jaxgeo.data.check --root=/path/to/BigEarthNet-v1.0 [--metadata=metadata.parquet] [--bands=all]
+    python -m jaxgeo.data.check --root=/path/to/BigEarthNet-v1.0 [--metadata=metadata.parquet] [--bands=all] \
+        [--nodata=0] [--max_nodata_fraction=1]
+    python -m jaxgeo.data.check --root=/path/to/ben_packed        # a packed store: every record read back
 
-Exits 1 when it finds problems, 0 when the dataset is clean.
+Prints the nodata policy it checked with (a packed store's is the one it was packed with, whatever --nodata /
+--max_nodata_fraction say). Exits 1 when it finds problems, 0 when the dataset is clean.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 import time
 from typing import Sequence
 
-from jaxgeo.data import build_source
+from jaxgeo.data import bigearthnet, build_source, pack
 from jaxgeo.data.bigearthnet import SPLITS
 
 log = logging.getLogger(__name__)
@@ -21,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def check_dataset(data_config, splits: Sequence[str] = SPLITS) -> list[str]:
   """Every problem found, one "<file>: <problem>" line each: metadata-level errors (missing column, unknown
-  label, empty split) and per-sample ones (each bad band file, missing patch folder, bad json)."""
+  label, empty split) and per-sample ones (each bad band file, missing patch folder, bad json, bad record)."""
   problems = []
   for split in splits:
     try:
@@ -38,23 +41,52 @@ def check_dataset(data_config, splits: Sequence[str] = SPLITS) -> list[str]:
   return problems
 
 
+def policy_checked(data_config) -> str:
+  """The nodata policy a check of `data_config` applies, in words: the config's, or a packed store's own."""
+  root = data_config.get("root")
+  if root is not None and pack.is_packed(root):
+    nodata, fraction = pack.packed_nodata_policy(pack.read_manifest(root))
+    return f"{bigearthnet.describe_nodata_policy(nodata, fraction)}, applied when {root} was packed"
+  return bigearthnet.describe_nodata_policy(*bigearthnet.nodata_policy(data_config))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jaxgeo.data.check", description=__doc__.split("\n")[0])
-  parser.add_argument("--root", required=True, help="folder holding one sub-folder per patch")
+  parser.add_argument("--root", required=True, help="folder of patch folders (v1) or tile folders (v2), or a store")
   parser.add_argument("--metadata", default=None, help="parquet (gdf-builder or BigEarthNet v2); default: json")
-  parser.add_argument("--bands", default="all", help="'all', 'rgb' or comma-separated band names to read")
+  parser.add_argument(
+    "--bands", default=None, help="'all', 'rgb' or comma-separated band names to read (default: all / the store's)"
+  )
   parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to scan")
+  pack.add_nodata_arguments(parser)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-  bands = args.bands if args.bands in ("all", "rgb") else args.bands.split(",")
-  config = {"root": args.root, "metadata": args.metadata, "bands": bands}
+  packed = pack.is_packed(args.root)
   splits = args.splits.split(",")
+  config = {
+    "root": args.root,
+    "metadata": args.metadata,
+    "bands": "all" if args.bands is None else args.bands if args.bands in ("all", "rgb") else args.bands.split(","),
+    "nodata": args.nodata,
+    "max_nodata_fraction": args.max_nodata_fraction,
+  }
+  try:
+    if packed:  # its bands and policy were fixed when it was packed
+      manifest = pack.read_manifest(args.root)
+      config["nodata"], config["max_nodata_fraction"] = pack.packed_nodata_policy(manifest)
+      config["bands"] = manifest["bands"] if args.bands is None else config["bands"]
+    policy = policy_checked(config)
+  except ValueError as e:  # an unreadable store manifest or a bad --nodata / --max_nodata_fraction
+    print(f"error: {e}")
+    return 2
+  print(f"checking with: {policy}")
   problems = check_dataset(config, splits)
   for problem in problems:
     print(problem)
   print(
     f"checked splits {splits} of {args.root}: {len(problems)} problem(s)" + ("" if problems else "; dataset is clean")
   )
+  print(f"nodata policy: {policy}")
   return 1 if problems else 0
 
 

@@ -1,24 +1,27 @@
 """BigEarthNet-S2 packed into one ArrayRecord file per split, read back by `PackedSource`.
 
   python -m jaxgeo.data.pack --root=/data/BigEarthNet-v1.0 [--metadata=meta.parquet] --out=/data/ben_packed \
-      [--bands=all] [--workers=4] [--on_bad_sample=error|skip]
+      [--bands=all] [--workers=4] [--on_bad_sample=error|skip] [--nodata=0] [--max_nodata_fraction=1]
 
 Why: the folder layout costs 12 GeoTIFF opens (each a GDAL dataset with its own header parse) per patch; a packed
 record is one read of contiguous bytes, so a CPU core serves many more patches per second and the loader stops
 being the thing the GPU waits for (benchmarks/data_loader.py measures both).
 
-Store layout (format version 1):
+Store layout (format version 2; version 1 stores are read too):
   <out>/jaxgeo_packed.json          manifest: format, version, bands, band shapes, dtype, splits (count, files),
-                                    source root / metadata, skipped samples
+                                    source root / metadata, the nodata policy it was checked with, skipped samples
   <out>/<split>.array_record        one record per patch, in the split order of BigEarthNetSource
   <out>/<split>.names.txt           patch names, one per line, record i <-> line i
 
-A record: b"JGPK" | uint32 little-endian header length | JSON header {"name", "labels": [19-class indices]} |
-the packed bands' raw little-endian uint16 pixels, band after band in manifest order, each at its NATIVE size
-(120 px at 10 m, 60 px at 20 m, 20 px at 60 m). No pickle anywhere. Native size, not pre-resampled to 120 px:
-the reader resamples with the very function the folder reader uses, so samples are bit-equal to
-BigEarthNetSource's (a uint16 store of resampled bands would have to round the bilinear values), any
-`image_size` still works, and the store is 2.5x smaller than one at 120 px for all bands.
+A record: b"JGPK" | uint32 little-endian header length | JSON header {"name", "labels": [19-class indices],
+optional "shapes"} | the packed bands' raw little-endian uint16 pixels, band after band in manifest order, each
+at the size its file had: normally the NATIVE size of `band_shapes` (120 px at 10 m, 60 px at 20 m, 20 px at
+60 m); a patch whose files were already resampled to 120 px lists every band's [H, W] in "shapes" (version 2).
+No pickle anywhere. Native size, not pre-resampled to 120 px: the reader builds the image with the very function
+the folder reader uses (bigearthnet.bands_to_image), so samples are bit-equal to BigEarthNetSource's (a uint16
+store of resampled bands would have to round the bilinear values), any `image_size` still works, and the store
+is 2.5x smaller than one at 120 px for all bands. Integer bands of other dtypes (e.g. int16) are stored as
+uint16: their values are checked non-negative when read, and one above 65535 is an error naming the file.
 
 The store is written in a temporary sibling folder and renamed into place once complete (manifest last), so a
 crash never leaves a folder that looks like a finished store.
@@ -41,13 +44,14 @@ from typing import Sequence
 import numpy as np
 
 from jaxgeo.data import bigearthnet as ben
-from jaxgeo.data.geotiff import BadSampleError, read_band, resize_bilinear
+from jaxgeo.data.geotiff import BadSampleError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "jaxgeo_packed.json"
 FORMAT = "jaxgeo-packed-bigearthnet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1: no per-record "shapes"; packed rejecting any 0 pixel
 MAGIC = b"JGPK"
 _HEADER = struct.Struct("<4sI")
 # One record per ArrayRecord chunk: the store is read by random access (shuffled indices), and a bigger group
@@ -60,24 +64,33 @@ def is_packed(root: str | os.PathLike | None) -> bool:
   return root is not None and os.path.isfile(os.path.join(os.path.expanduser(os.fspath(root)), MANIFEST))
 
 
-def encode_record(name: str, labels: np.ndarray, bands: Sequence[np.ndarray]) -> bytes:
-  header = json.dumps({"name": name, "labels": [int(i) for i in np.flatnonzero(labels)]}).encode()
+def encode_record(
+  name: str, labels: np.ndarray, bands: Sequence[np.ndarray], band_shapes: Sequence[tuple[int, int]]
+) -> bytes:
+  """One record; `bands` are uint16-valued [H, W] arrays, `band_shapes` the manifest's sizes of them."""
+  header = {"name": name, "labels": [int(i) for i in np.flatnonzero(labels)]}
+  shapes = [list(b.shape) for b in bands]
+  if shapes != [list(s) for s in band_shapes]:
+    header["shapes"] = shapes
   payload = b"".join(np.ascontiguousarray(b, dtype="<u2").tobytes() for b in bands)
-  return _HEADER.pack(MAGIC, len(header)) + header + payload
+  header_bytes = json.dumps(header).encode()
+  return _HEADER.pack(MAGIC, len(header_bytes)) + header_bytes + payload
 
 
-def decode_header(record: bytes, where: str) -> tuple[dict, int]:
-  """(header dict, offset of the first pixel byte); BadSampleError naming `where` for a malformed record."""
+def decode_header(record: bytes, path: str, where: str) -> tuple[dict, int]:
+  """(header dict, offset of the first pixel byte); BadSampleError naming `path` and `where` (record / patch)."""
   if len(record) < _HEADER.size:
-    raise BadSampleError(where, f"record of {len(record)} bytes is shorter than the {_HEADER.size}-byte header")
+    raise BadSampleError(path, f"{where}: {len(record)} bytes, shorter than the {_HEADER.size}-byte header")
   magic, header_len = _HEADER.unpack_from(record)
   if magic != MAGIC:
-    raise BadSampleError(where, f"record starts with {magic!r}, expected {MAGIC!r} (not a jaxgeo packed record)")
+    raise BadSampleError(path, f"{where}: starts with {magic!r}, expected {MAGIC!r} (not a jaxgeo packed record)")
   start = _HEADER.size
   try:
     header = json.loads(record[start : start + header_len])
   except ValueError as e:
-    raise BadSampleError(where, f"unreadable record header: {e}") from e
+    raise BadSampleError(path, f"{where}: unreadable record header: {e}") from e
+  if not isinstance(header, dict):
+    raise BadSampleError(path, f"{where}: record header is {type(header).__name__}, expected a JSON object")
   return header, start + header_len
 
 
@@ -92,12 +105,19 @@ def read_manifest(root: str) -> dict:
     raise FileNotFoundError(f"{path}: no packed-store manifest (make one with python -m jaxgeo.data.pack)")
   with open(path) as f:
     manifest = json.load(f)
-  if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+  if manifest.get("format") != FORMAT or manifest.get("version") not in _READABLE_VERSIONS:
     raise ValueError(
       f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; this "
-      f"jaxgeo reads {FORMAT!r} version {FORMAT_VERSION}: re-pack with python -m jaxgeo.data.pack"
+      f"jaxgeo reads {FORMAT!r} versions {list(_READABLE_VERSIONS)}: re-pack with python -m jaxgeo.data.pack"
     )
   return manifest
+
+
+def packed_nodata_policy(manifest: dict) -> tuple[float | None, float]:
+  """(nodata, max_nodata_fraction) a store's bands were checked with when packed."""
+  if "max_nodata_fraction" not in manifest:  # version 1 stores were packed rejecting any 0 pixel
+    return ben.S2_NODATA, 0.0
+  return manifest["nodata"], manifest["max_nodata_fraction"]
 
 
 class PackedSource:
@@ -105,7 +125,9 @@ class PackedSource:
 
   Same `source[i]` dict ({"image": float32 [image_size, image_size, C], "labels": float32 [19], "index": int32}),
   same band selection and scaling (bands == "rgb" -> clip(refl / 2000, 0, 1), else refl / 10000), same names and
-  split order as the BigEarthNetSource the store was packed from. Only the requested bands are decoded.
+  split order as the BigEarthNetSource the store was packed from. Only the requested bands are decoded. A record
+  that cannot be read raises BadSampleError naming the .array_record file, the record index and the patch.
+  `nodata` / `max_nodata_fraction`: the policy the store's patches were checked with when packed.
   """
 
   name = "bigearthnet"
@@ -133,6 +155,7 @@ class PackedSource:
     self.rgb_scaling = isinstance(bands, str) and bands == "rgb"
     self.image_size = int(image_size)
     self.manifest = read_manifest(self.root)
+    self.nodata, self.max_nodata_fraction = packed_nodata_policy(self.manifest)
     packed = tuple(self.manifest["bands"])
     missing = [b for b in self.bands if b not in packed]
     if missing:
@@ -155,20 +178,22 @@ class PackedSource:
       )
     if not self.names:
       raise ValueError(f"{self.path}: split {split!r} is empty (no patches)")
-    # Byte range of every packed band inside the pixel payload, from the manifest's shapes.
-    offsets, offset = {}, 0
-    for band, shape in zip(packed, self.manifest["band_shapes"]):
-      size = int(np.prod(shape)) * 2
-      offsets[band] = (offset, tuple(shape))
-      offset += size
-    self._payload_bytes = offset
-    self._band_layout = [offsets[b] for b in self.bands]
-    self._bands_by_shape: dict[tuple, list[int]] = {}  # requested channels grouped by native size
-    for c, (_, shape) in enumerate(self._band_layout):
-      self._bands_by_shape.setdefault(shape, []).append(c)
-    self._records = grain.sources.ArrayRecordDataSource([self.path])
+    self._wanted = [packed.index(b) for b in self.bands]
+    self._layout = self._band_layout([tuple(s) for s in self.manifest["band_shapes"]])
+    try:
+      self._records = grain.sources.ArrayRecordDataSource([self.path])
+    except RuntimeError as e:  # riegeli: a truncated or corrupt file fails here, without naming it
+      raise ValueError(f"{self.path}: cannot open as ArrayRecord (truncated or corrupt; re-pack): {e}") from e
     if len(self._records) != len(self.names):
       raise ValueError(f"{self.path}: {len(self._records)} records, {len(self.names)} names in the store")
+
+  def _band_layout(self, shapes: Sequence[tuple[int, int]]) -> tuple[int, list[tuple[int, tuple[int, int]]]]:
+    """(pixel bytes of a record, (byte offset, shape) of each requested band) for the packed bands' shapes."""
+    offsets, offset = [], 0
+    for shape in shapes:
+      offsets.append(offset)
+      offset += shape[0] * shape[1] * 2
+    return offset, [(offsets[i], tuple(shapes[i])) for i in self._wanted]
 
   def __len__(self) -> int:
     return len(self.names)
@@ -178,33 +203,36 @@ class PackedSource:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = int(index)
-    where = f"{self.path} record {index}"
-    record = self._records[index]
-    header, start = decode_header(record, where)
-    if len(record) - start != self._payload_bytes:
-      raise BadSampleError(where, f"{len(record) - start} pixel bytes, expected {self._payload_bytes}")
+    where = f"record {index} (patch {self.names[index]})"
+    try:
+      record = self._records[index]
+    except RuntimeError as e:  # riegeli's checksums catch flipped or overwritten bytes, without naming the file
+      raise BadSampleError(self.path, f"{where}: unreadable (corrupt file; re-pack): {e}") from e
+    header, start = decode_header(record, self.path, where)
     if header.get("name") != self.names[index]:
-      raise BadSampleError(where, f"holds patch {header.get('name')!r}, the names file says {self.names[index]!r}")
+      raise BadSampleError(self.path, f"{where}: holds patch {header.get('name')!r}, the names file says otherwise")
+    try:
+      payload_bytes, layout = self._layout if "shapes" not in header else self._band_layout(header["shapes"])
+      labels = np.zeros(len(ben.CLASSES_19), np.float32)
+      labels[header["labels"]] = 1.0
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+      raise BadSampleError(self.path, f"{where}: malformed record header {header}: {e!r}") from e
+    if len(record) - start != payload_bytes:
+      raise BadSampleError(self.path, f"{where}: {len(record) - start} pixel bytes, expected {payload_bytes}")
     pixels = memoryview(record)[start:]
-    size = (self.image_size, self.image_size)
-    # Bands of one native size are resampled together: resize_bilinear is elementwise across the trailing axis,
-    # so this is bit-equal to the folder reader's band-by-band resize and does the index work once.
-    channels = [None] * len(self.bands)
-    for shape, members in self._bands_by_shape.items():
-      stack = np.stack(
-        [
-          np.frombuffer(pixels, "<u2", count=shape[0] * shape[1], offset=self._band_layout[c][0]).reshape(shape)
-          for c in members
-        ],
-        axis=-1,
-      )
-      resized = resize_bilinear(stack, size)
-      for k, c in enumerate(members):
-        channels[c] = resized[..., k]
-    image = ben.scale_reflectance(np.stack(channels, axis=-1), self.rgb_scaling)
-    labels = np.zeros(len(ben.CLASSES_19), np.float32)
-    labels[header["labels"]] = 1.0
+    bands = [
+      np.frombuffer(pixels, "<u2", count=shape[0] * shape[1], offset=offset).reshape(shape) for offset, shape in layout
+    ]
+    image = ben.bands_to_image(bands, self.image_size, self.rgb_scaling)
     return {"image": image, "labels": labels, "index": np.int32(index)}
+
+  def problems(self, index: int) -> list[BadSampleError]:
+    """The problem of record `index` (empty when it reads); the store was checked band by band when packed."""
+    try:
+      self[index]
+    except BadSampleError as e:
+      return [e]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,22 +249,21 @@ class _PatchReader:
   def __init__(self, source: ben.BigEarthNetSource, bands: Sequence[str]):
     self.source = source
     self.bands = tuple(bands)
+    self.band_shapes = [ben.band_shape(b) for b in self.bands]
+
+  def _stored_band(self, patch_dir: str, band: str) -> np.ndarray:
+    pixels = self.source.read_stored_band(patch_dir, band)
+    if pixels.dtype != np.uint16 and pixels.size and pixels.max() > np.iinfo(np.uint16).max:
+      path = os.path.join(patch_dir, f"{os.path.basename(patch_dir)}_{band}.tif")
+      raise BadSampleError(path, f"{pixels.dtype.name} value {pixels.max()} does not fit the packed store's uint16")
+    return pixels
 
   def __call__(self, index: int):
     try:
       patch_dir = self.source.patch_dir(index)
-      name = os.path.basename(patch_dir)
-      pixels = [
-        read_band(
-          os.path.join(patch_dir, f"{name}_{band}.tif"),
-          expected_shape=ben.band_shape(band),
-          expected_dtype=self.source.expected_dtype,
-          nodata=self.source.nodata,
-        )
-        for band in self.bands
-      ]
-      labels = self.source._labels_of(index, patch_dir)  # pylint: disable=protected-access
-      return index, encode_record(self.source.names[index], labels, pixels)
+      pixels = [self._stored_band(patch_dir, band) for band in self.bands]
+      labels = self.source.labels_of(index, patch_dir)
+      return index, encode_record(self.source.names[index], labels, pixels, self.band_shapes)
     except BadSampleError as e:
       return index, e
 
@@ -252,17 +279,21 @@ def pack(
   compression: str = "uncompressed",
   log_every: int = 1000,
   overwrite: bool = False,
+  nodata: float | None = ben.S2_NODATA,
+  max_nodata_fraction: float = ben.DEFAULT_MAX_NODATA_FRACTION,
 ) -> dict:
   """Packs the BigEarthNet tree at `root` (splits from `metadata` or hash_split) into `out`; returns the manifest.
 
   on_bad_sample: "error" stops at the first bad patch (the error names the file); "skip" leaves it out of the
-  store and lists it in the manifest's "skipped".
+  store and lists it in the manifest's "skipped". nodata / max_nodata_fraction: the policy bands are checked
+  with (BigEarthNetSource's; config.data.nodata / data.max_nodata_fraction), recorded in the manifest.
   """
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
 
   if on_bad_sample not in ("error", "skip"):
     raise ValueError(f"on_bad_sample: expected 'error' or 'skip', got {on_bad_sample!r}")
   band_names = ben.resolve_bands(bands)
+  nodata, max_nodata_fraction = ben.nodata_policy({"nodata": nodata, "max_nodata_fraction": max_nodata_fraction})
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.exists(out):
     if not overwrite:
@@ -278,8 +309,10 @@ def pack(
     "dtype": "uint16",
     "source_root": os.path.abspath(root),
     "source_metadata": metadata and os.path.abspath(metadata),
-    "record": "b'JGPK' | uint32 LE header length | JSON {name, labels: 19-class indices} | raw LE uint16 "
-    "bands in 'bands' order at 'band_shapes'",
+    "nodata": nodata,
+    "max_nodata_fraction": max_nodata_fraction,
+    "record": "b'JGPK' | uint32 LE header length | JSON {name, labels: 19-class indices, optional shapes} | raw "
+    "LE uint16 bands in 'bands' order at 'band_shapes' (or at the record's 'shapes')",
     "splits": {},
     "skipped": {},
   }
@@ -288,7 +321,9 @@ def pack(
     sources = {}
     for split in splits:
       try:
-        sources[split] = ben.BigEarthNetSource(root, metadata, split=split, bands=band_names)
+        sources[split] = ben.BigEarthNetSource(
+          root, metadata, split=split, bands=band_names, nodata=nodata, max_nodata_fraction=max_nodata_fraction
+        )
       except ValueError as e:
         if "is empty" not in str(e):
           raise
@@ -296,6 +331,7 @@ def pack(
     total = sum(len(s) for s in sources.values())
     done, start = 0, time.perf_counter()
     log.info("packing %d patches (%s) from %s into %s", total, ",".join(sources), root, out)
+    log.info("checking bands with %s", ben.describe_nodata_policy(nodata, max_nodata_fraction))
     for split, source in sources.items():
       reader = _PatchReader(source, band_names)
       writer = ArrayRecordWriter(
@@ -348,6 +384,29 @@ def pack(
   return manifest
 
 
+def add_nodata_arguments(parser: argparse.ArgumentParser) -> None:
+  """--nodata and --max_nodata_fraction (config.data.nodata / max_nodata_fraction), shared with data.check."""
+
+  def pixel_value(text: str) -> float | None:
+    if text.lower() == "none":
+      return None
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+  parser.add_argument(
+    "--nodata",
+    type=pixel_value,
+    default=ben.S2_NODATA,
+    help="pixel value that marks missing data when a file declares none ('none': only a file's own tag)",
+  )
+  parser.add_argument(
+    "--max_nodata_fraction",
+    type=float,
+    default=ben.DEFAULT_MAX_NODATA_FRACTION,
+    help="a band is bad when all of it or more than this fraction of it is nodata (default: only when all)",
+  )
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m jaxgeo.data.pack", description=__doc__.split("\n\n")[0])
   parser.add_argument("--root", required=True, help="BigEarthNet-S2 folder (v1 <patch>/ or v2 <tile>/<patch>/)")
@@ -362,6 +421,7 @@ def main(argv=None):
   parser.add_argument("--compression", default="uncompressed", help="ArrayRecord option, e.g. zstd:3")
   parser.add_argument("--log_every", type=int, default=1000)
   parser.add_argument("--overwrite", action="store_true")
+  add_nodata_arguments(parser)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   bands = args.bands if args.bands in ("all", "rgb") else [b for b in args.bands.split(",") if b]
@@ -377,6 +437,8 @@ def main(argv=None):
       compression=args.compression,
       log_every=args.log_every,
       overwrite=args.overwrite,
+      nodata=args.nodata,
+      max_nodata_fraction=args.max_nodata_fraction,
     )
   except (BadSampleError, ValueError, FileNotFoundError, FileExistsError) as e:
     log.error("%s", e)

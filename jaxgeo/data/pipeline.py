@@ -1,17 +1,27 @@
-"""grain input pipeline: shuffled epochs of a random-access source, per-process shards, bad-sample policy, batches.
+"""grain input pipeline: whole batches as a random-access dataset, per-process blocks, bad-sample policy.
 
-Order of operations (all processes build the same pipeline with the same seed):
-  range(len(source)) -> shuffle(seed) -> repeat(num_epochs) -> this process's block of every global batch
-  -> map(load) -> to_iter_dataset -> drop/count bad samples -> batch -> [mp_prefetch].
-Shuffling and repeating indices before the split give every process the same global order. Global batch k is
-elements [k * B * P, (k + 1) * B * P) of that order (B rows per process, P processes); process p takes its
-contiguous block [k * B * P + p * B, k * B * P + (p + 1) * B). jax.make_array_from_process_local_data stacks
-the blocks in process order, so the global batch of P processes is row for row the one a single process
-builds: per-row randomness (augmentation keys, drop-path) and so the losses do not depend on the process
-count. Nothing is loaded for an index another process owns.
+Order (every process builds the same pipeline with the same seed):
+  range(len(source)) -> shuffle(seed) -> repeat(num_epochs): one flat stream of sample indices (grain reshuffles
+  every epoch) -> cut into global batches of B * P rows (B rows per process, P processes) -> process p's block of
+  global batch k is stream rows [(k * P + p) * B, (k * P + p + 1) * B).
+jax.make_array_from_process_local_data stacks the blocks in process order, so the global batch of P processes is
+row for row the one a single process builds, and per-row randomness (augmentation keys, drop-path) and the
+losses do not depend on the process count. Nothing is loaded for a row another process owns.
 
-The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (or orbax with
-`grain.checkpoint.CheckpointSave/CheckpointRestore`) resume at the exact next batch.
+Each element of the grain dataset is one whole batch (a MapDataset indexed by batch number), which buys three
+things a stream of samples would not:
+  * the data order does not depend on `worker_count`: grain's worker processes take whole batches round-robin;
+  * resuming is `start_batch=step`: batch k is a pure function of (seed, k), so a checkpoint needs no iterator
+    state, and a resume may change the worker count;
+  * evaluation batches all have the same size: the last, partial global batch is split near-equally over the
+    processes and padded with rows marked `valid = False`, so every process runs the same number of steps of
+    the same shape (no recompilation, and no process waiting in a collective another one never reaches).
+
+Bad samples (`on_bad_sample`): "error" raises the reader's BadSampleError (it names the file); "skip" logs each
+bad sample once, replaces it by a good sample of the same batch (so shapes stay fixed) with `valid = False`, and
+counts it in `num_skipped`. A batch whose every sample is bad raises at once: that is what a vanished mount or
+a corrupt store looks like, and training on would only repeat it. The fraction guard over the whole run lives
+in the training loop, which keeps the count across resumes.
 """
 
 from __future__ import annotations
@@ -29,94 +39,50 @@ log = logging.getLogger(__name__)
 ON_BAD_SAMPLE = ("error", "skip")
 
 
-class _Skipped:
-  """Stands in for a sample that failed to load, so the counting step downstream can drop and count it."""
-
-  def __init__(self, index: int, error: BadSampleError):
-    self.index = index
-    self.error = error
+class AllSamplesBadError(BadSampleError):
+  """Every sample of a batch failed to load: the data is gone or broken wholesale, not a stray bad file."""
 
 
-class _LoadSample(grain.transforms.Map):
-  """Loads source[index]; in skip mode a BadSampleError becomes a _Skipped marker instead of an exception."""
+class _LoadBatch(grain.transforms.Map):
+  """Batch number -> stacked samples of that batch, with `valid` and `num_skipped` per row."""
 
-  def __init__(self, source, on_bad_sample: str):
-    self._source = source
-    self._skip = on_bad_sample == "skip"
-
-  def map(self, index):
-    try:
-      return self._source[int(index)]
-    except BadSampleError as e:
-      if not self._skip:
-        raise
-      return _Skipped(int(index), e)
-
-
-class _CountSkippedIterator(grain.DatasetIterator):
-  """Drops _Skipped markers and puts how many were dropped into the next good sample's `num_skipped`.
-
-  Between two `next` calls no drop is pending (a call only returns after a good sample), so the parent's state
-  alone is the state: checkpoints stay grain's own.
-  """
-
-  def __init__(self, parent: grain.DatasetIterator):
-    super().__init__(parent)
+  def __init__(self, source, indices, rows, batch_size: int, on_bad_sample: str):
+    self._source, self._indices, self._rows = source, indices, rows
+    self._batch_size, self._skip = batch_size, on_bad_sample == "skip"
     self._logged: set[int] = set()
 
-  def __next__(self):
-    num_skipped = 0
-    while True:
-      element = next(self._parent)
-      if not isinstance(element, _Skipped):
-        return {**element, "num_skipped": np.int32(num_skipped)}
-      num_skipped += 1
-      if element.index not in self._logged:  # once per sample, not once per epoch it comes round again
-        self._logged.add(element.index)
-        log.warning("Skipping bad sample %d (data.on_bad_sample='skip'): %s", element.index, element.error)
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
-
-
-class _CountSkipped(grain.IterDataset):
-  def __iter__(self):
-    return _CountSkippedIterator(self._parent.__iter__())
-
-
-class _GlobalPosition(grain.transforms.Map):
-  """Local position j of process p -> the index at that row's position in the global order."""
-
-  def __init__(self, indices, block, process_index, process_count, full_rows, remainder):
-    self._indices, self._block = indices, block
-    self._process_index, self._process_count = process_index, process_count
-    self._full_rows, self._remainder = full_rows, remainder
-
-  def map(self, j):
-    j = int(j)
-    if j < self._full_rows:  # inside a whole global batch: this process's block of it
-      k, row = divmod(j, self._block)
-      return self._indices[(k * self._process_count + self._process_index) * self._block + row]
-    # The last, partial global batch (evaluation only): split into near-equal contiguous shares.
-    start = self._full_rows * self._process_count + self._process_index * self._remainder // self._process_count
-    return self._indices[start + j - self._full_rows]
-
-
-def _process_block(indices, block, process_index, process_count, drop_remainder):
-  """The indices process p reads: its block of B rows of every global batch of B * P (see module doc)."""
-  if process_count == 1:
-    return indices
-  total = len(indices)
-  full_batches, remainder = divmod(total, block * process_count)
-  full_rows = full_batches * block
-  extra = 0
-  if not drop_remainder:
-    extra = ((process_index + 1) * remainder // process_count) - (process_index * remainder // process_count)
-  position = _GlobalPosition(indices, block, process_index, process_count, full_rows, remainder)
-  return grain.MapDataset.range(full_rows + extra).map(position)
+  def map(self, batch_index):
+    first, count = self._rows[int(batch_index)]
+    samples, errors = [], []
+    for row in range(first, first + count):
+      index = int(self._indices[row])
+      try:
+        samples.append(self._source[index])
+      except BadSampleError as e:
+        if not self._skip:
+          raise
+        samples.append(None)
+        errors.append(e)
+        if index not in self._logged:  # once per sample, not once per epoch it comes round again
+          self._logged.add(index)
+          log.warning("Skipping bad sample %d (data.on_bad_sample='skip'): %s", index, e)
+    good = [s for s in samples if s is not None]
+    if not good:
+      if errors:
+        raise AllSamplesBadError(
+          errors[0].path,
+          f"all {count} samples of batch {int(batch_index)} failed to load (the first error above); the data may "
+          f"have become unreadable (a dropped mount, a corrupt store): {errors[0].problem}",
+        )
+      # An empty share of a padded evaluation batch: any sample, marked invalid, keeps the shapes.
+      good = [self._source[int(self._indices[0])]]
+    valid = np.array([s is not None for s in samples] + [False] * (self._batch_size - count), bool)
+    filled = [s if s is not None else good[i % len(good)] for i, s in enumerate(samples)]
+    filled += [good[i % len(good)] for i in range(self._batch_size - count)]
+    stacked = {key: np.stack([np.asarray(s[key]) for s in filled]) for key in filled[0]}
+    stacked["valid"] = valid
+    stacked["num_skipped"] = np.array([s is None for s in samples] + [False] * (self._batch_size - count), np.int32)
+    return stacked
 
 
 def make_iter_dataset(
@@ -133,12 +99,15 @@ def make_iter_dataset(
   on_bad_sample: str = "error",
   drop_remainder: bool = True,
   read_threads: int = 4,
+  start_batch: int = 0,
 ) -> grain.IterDataset:
-  """Batches of {"image", "labels", "index", "num_skipped"} numpy arrays with a leading local batch axis.
+  """Batches of the source's sample dicts stacked on a leading local batch axis, plus `valid` [B] (bool) and
+  `num_skipped` [B] (int32, 1 where a bad sample was replaced).
 
-  num_epochs None repeats forever (training); an int stops after that many passes (evaluation: 1, with
-  shuffle=False and drop_remainder=False). `prefetch`: batches buffered per worker process (worker_count > 0);
-  `read_threads`: threads loading samples in each process (0 = load in the calling thread).
+  num_epochs: passes over the source (None: as many as an effectively endless run needs). drop_remainder=False
+  (evaluation) keeps the partial last global batch, padded as the module doc says. start_batch: the first batch
+  to yield (a resumed run passes its step). `prefetch`: batches buffered per worker process (worker_count > 0);
+  `read_threads`: batches loaded concurrently in each process (0 = in the calling thread).
   """
   if on_bad_sample not in ON_BAD_SAMPLE:
     raise ValueError(f"data.on_bad_sample: expected one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
@@ -146,26 +115,55 @@ def make_iter_dataset(
     raise ValueError(f"process_index {process_index} outside [0, process_count={process_count})")
   if batch_size_per_process < 1:
     raise ValueError(f"batch_size_per_process: expected >= 1, got {batch_size_per_process}")
+  if len(source) == 0:
+    raise ValueError(f"{source!r} has no samples")
+  epochs = num_epochs if num_epochs is not None else max(1, (1 << 40) // len(source))
   indices = grain.MapDataset.range(len(source))
   if shuffle:
-    indices = indices.shuffle(seed=seed)  # grain reshuffles every epoch of the repeat (seed + epoch)
-  indices = indices.repeat(num_epochs)
-  indices = _process_block(indices, batch_size_per_process, process_index, process_count, drop_remainder)
-  samples = indices.map(_LoadSample(source, on_bad_sample))
-  read_options = grain.ReadOptions(
-    num_threads=read_threads, prefetch_buffer_size=max(1, 2 * batch_size_per_process) if read_threads else 0
+    indices = indices.shuffle(seed=seed)  # reshuffled every epoch of the repeat (seed + epoch)
+  indices = indices.repeat(epochs)
+  rows = _Rows(len(source), epochs, batch_size_per_process, process_index, process_count, drop_remainder)
+  if not 0 <= start_batch <= len(rows):
+    raise ValueError(f"start_batch {start_batch} outside the {len(rows)} batches of {source!r}")
+  batches = grain.MapDataset.range(start_batch, len(rows)).map(
+    _LoadBatch(source, indices, rows, batch_size_per_process, on_bad_sample)
   )
-  dataset = _CountSkipped(samples.to_iter_dataset(read_options=read_options))
-  dataset = dataset.batch(batch_size_per_process, drop_remainder=drop_remainder)
+  read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads))
+  dataset = batches.to_iter_dataset(read_options=read_options)
   if worker_count > 0:
     # grain's worker processes read absl flags; outside an absl.app entry point (tests, notebooks) nothing has
     # parsed them, and grain would fail on the first batch, so fall back to the flag defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    dataset = dataset.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=max(1, prefetch))
-    )
+    options = grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=max(1, prefetch))
+    dataset = dataset.mp_prefetch(options)
   return dataset
+
+
+class _Rows:
+  """Batch k of this process -> (first row of the index stream, row count); computed, not listed, because an
+  endless training run has more batches than fit in a list. The count is < batch only for a padded last batch."""
+
+  def __init__(self, num_samples, num_epochs, batch, process_index, process_count, drop_remainder):
+    self._batch, self._process_index, self._process_count = batch, process_index, process_count
+    per_global = batch * process_count
+    self._full, remainder = divmod(num_samples * num_epochs, per_global)
+    self._last = None
+    if remainder and not drop_remainder:
+      # The partial global batch: near-equal contiguous shares, in process order (a share may be empty).
+      start = self._full * per_global + process_index * remainder // process_count
+      end = self._full * per_global + (process_index + 1) * remainder // process_count
+      self._last = (start, end - start)
+
+  def __len__(self):
+    return self._full + (self._last is not None)
+
+  def __getitem__(self, k):
+    if k < self._full:
+      return ((k * self._process_count + self._process_index) * self._batch, self._batch)
+    if k == self._full and self._last is not None:
+      return self._last
+    raise IndexError(k)
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:

@@ -23,7 +23,7 @@ from rasterio.crs import CRS
 from jaxgeo.data import bigearthnet as ben
 from jaxgeo.data.geotiff import resize_bilinear, write_geotiff
 
-_FORMAT_VERSION = 3  # bump when the written data changes, so stale caches are not reused
+_FORMAT_VERSION = 4  # bump when the written data changes, so stale caches are not reused
 _SIZE = ben.PATCH_SIZE
 _CRS = "EPSG:32633"  # UTM 33N, the zone of much of BigEarthNet's central Europe
 _TILE = "S2A_MSIL2A_20170613T101031"
@@ -205,14 +205,15 @@ def acquisition_nuisance(reflectance: np.ndarray, rng: np.random.Generator) -> n
 
 
 def _write_patch(patch_dir: str, name: str, reflectance: np.ndarray, ulx: float, uly: float, rng) -> None:
-  # DN 0 is S2's NO_DATA, so valid pixels start at 1.
+  # Negative reflectance (noise over dark water) is written as DN 0, as Sentinel-2 L2A before processing baseline
+  # 04.00 (all of BigEarthNet) writes it: so the readers meet legitimate 0 pixels, as they do in the real data.
   reflectance = acquisition_nuisance(reflectance, rng)
   os.makedirs(patch_dir)
   for b, band in enumerate(ben.ALL_BANDS):
     factor = ben.BAND_RESOLUTION_M[band] // 10
     size = _SIZE // factor
     coarse = reflectance[..., b].reshape(size, factor, size, factor).mean(axis=(1, 3))
-    dn = np.clip(np.round(coarse * 10000.0), 1, 20000).astype(np.uint16)
+    dn = np.clip(np.round(coarse * 10000.0), 0, 20000).astype(np.uint16)
     write_geotiff(
       os.path.join(patch_dir, f"{name}_{band}.tif"),
       dn,

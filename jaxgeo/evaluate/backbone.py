@@ -45,7 +45,10 @@ def load_backbone(config, in_chans, image_size):
   workdir, checkpoint, which = init.get("workdir"), init.get("checkpoint"), init.get("which", "teacher")
   if workdir and checkpoint:
     raise ValueError(f"config.init: set workdir ({workdir}) or checkpoint ({checkpoint}), not both")
-  model = build_backbone(config.model, image_size, train_student=False)
+  model_config = config.model
+  if workdir:
+    model_config = run_architecture(workdir, config.model)
+  model = build_backbone(model_config, image_size, train_student=False)
   dummy = jnp.zeros((1, image_size, image_size, in_chans), jnp.float32)
   if workdir:
     from jaxgeo import checkpoint as checkpoints
@@ -72,6 +75,26 @@ def load_backbone(config, in_chans, image_size):
     description = "random init"
     params = _init(model, jax.random.key(config.seed), dummy)["params"]
   return model, jax.tree.map(jnp.asarray, params), description
+
+
+def run_architecture(workdir, model_config):
+  """The model section a run was trained with (its stored config.json), not the one the tool was given: a probe
+  built with another depth or head count would load the run's weights into the wrong network and report a
+  plausible but wrong number. Differences are logged."""
+  from absl import logging
+
+  from jaxgeo import workdir as workdir_lib
+
+  stored = workdir_lib.load_config(workdir).model
+  given = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+  differ = {k: (given.get(k), v) for k, v in stored.to_dict().items() if k in given and given.get(k) != v}
+  if differ:
+    logging.info(
+      "architecture taken from %s/config.json: %s",
+      workdir,
+      ", ".join(f"model.{k}={v!r} (given {g!r})" for k, (g, v) in sorted(differ.items())),
+    )
+  return stored
 
 
 def set_checkpoint(config, checkpoint):

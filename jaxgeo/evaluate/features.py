@@ -70,7 +70,8 @@ def extract_features(apply_fn, batches, mesh=None, *, with_index=False):
   apply_fn: e.g. functools.partial(make_feature_fn(...), params). Every batch is zero-padded to the size
     of the first one (rounded up to the device count when sharding), so ragged final batches do not
     recompile, and the padding rows are dropped again.
-  batches: iterable of numpy dicts with "image", "labels" (and "index" when with_index).
+  batches: iterable of numpy dicts with "image", "labels" (and "index" when with_index); rows whose "valid" is
+    False (the pipeline's padding of a last evaluation batch) are left out.
   mesh: None runs on the default device; a mesh splits each batch over all its devices (parallel.py's
     batch sharding). With several processes every process passes its own rows and all of them get every
     row back (features of the whole split, in process order), so each can train an identical probe.
@@ -88,12 +89,15 @@ def extract_features(apply_fn, batches, mesh=None, *, with_index=False):
         f"extract_features: batch of {rows} rows after a first batch of {batch_rows}; "
         "batches must not grow (make_iter_dataset yields a fixed size, last one smaller)"
       )
-    padded = {"image": _pad_rows(batch["image"], batch_rows), "valid": _pad_rows(np.ones(rows, bool), batch_rows)}
+    # The pipeline marks its own padding and replaced bad samples with valid=False; both stay out.
+    valid = np.asarray(batch["valid"], bool) if "valid" in batch else np.ones(rows, bool)
+    padded = {"image": _pad_rows(batch["image"], batch_rows), "valid": _pad_rows(valid, batch_rows)}
     padded.update({key: _pad_rows(batch[key], batch_rows) for key in keys})
     if mesh is None:
-      features.append(jax.device_get(apply_fn(jnp.asarray(padded["image"])))[:rows])
+      keep = padded["valid"][:rows]
+      features.append(jax.device_get(apply_fn(jnp.asarray(padded["image"])))[:rows][keep])
       for key in keys:
-        host[key].append(padded[key][:rows])
+        host[key].append(padded[key][:rows][keep])
       continue
     arrays = parallel.host_to_global(padded, mesh)
     outputs = dict(arrays, features=apply_fn(arrays["image"]))

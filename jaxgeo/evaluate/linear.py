@@ -29,7 +29,6 @@ Writes to <workdir>: linear_probe.json (all numbers), per_class_ap.png, and pred
 """
 
 import json
-import math
 import os
 
 import jax
@@ -39,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from jaxgeo import parallel
-from jaxgeo.evaluate import backbone, features, plots, probe
+from jaxgeo.evaluate import backbone, features, metrics, plots, probe
 
 
 def probe_config(**overrides):
@@ -165,22 +164,6 @@ def _train_on_the_fly(config, model, params, mean, std, mesh, val):
   return best
 
 
-def _jsonable(value):
-  if isinstance(value, dict):
-    return {k: _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple, np.ndarray)):
-    return (
-      [_jsonable(v) for v in np.asarray(value).tolist()]
-      if isinstance(value, np.ndarray)
-      else [_jsonable(v) for v in value]
-    )
-  if isinstance(value, (float, np.floating)):
-    return None if not math.isfinite(float(value)) else float(value)  # strict JSON has no NaN
-  if isinstance(value, np.integer):
-    return int(value)
-  return value
-
-
 def report(best, splits, class_names, multilabel, out_dir, extra=None):
   """Scores the selected head on each split in `splits` ({name: (features, labels, index)}); writes files.
 
@@ -219,7 +202,7 @@ def report(best, splits, class_names, multilabel, out_dir, extra=None):
       title=f"Linear probe, test AP ({(extra or {}).get('backbone', '')})",
     )
   with open(os.path.join(out_dir, "linear_probe.json"), "w") as f:
-    json.dump(_jsonable(results), f, indent=2)
+    json.dump(metrics.jsonable(results), f, indent=2)
   return results
 
 

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 
 from jaxgeo import config_utils
+from jaxgeo.checkpoint import DiskFullError
+from jaxgeo.errors import RunError
 
 
 def check_config(config, *, device_count, process_count):
@@ -29,6 +31,14 @@ def check_config(config, *, device_count, process_count):
       raise ValueError(f"config.train.{key}={config.train[key]} must be positive")
   if config.train.epochs <= 0 and config.train.steps <= 0:
     raise ValueError("config.train.epochs and config.train.steps are both <= 0: nothing to train")
+  for key in ("max_nonfinite_consecutive", "max_nonfinite_total"):
+    if config.train[key] < 1:
+      raise ValueError(f"config.train.{key}={config.train[key]} must be >= 1")
+  if config.eval.every != 0 and (config.eval.every < -1 or not config.eval.metric):
+    raise ValueError(
+      f"config.eval.every={config.eval.every} needs config.eval.metric (the summary entry that ranks evaluations) "
+      "and is a number of steps, or -1 for once per epoch"
+    )
   if not 0.0 <= config.data.max_skipped_fraction < 1.0:
     raise ValueError(f"config.data.max_skipped_fraction={config.data.max_skipped_fraction} must be in [0, 1)")
 
@@ -65,23 +75,50 @@ def prepare_workdir(workdir):
     ) from e
 
 
+# Orbax's per-checkpoint files beyond the arrays (metadata, tensorstore manifests, the loop's JSON, checksums):
+# measured at ~0.3 MiB on a 0.5 MiB smoke state, so small states need it counted to estimate at all.
+_CHECKPOINT_OVERHEAD = 512 * 1024
+
+
+def human_bytes(num_bytes):
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if num_bytes < 1024:
+      return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+    num_bytes /= 1024
+  return f"{num_bytes:.1f} TiB"
+
+
 def check_disk(workdir, abstract_state, keep):
-  """Refuses to start when the disk cannot hold the checkpoints the run will keep."""
+  """Refuses to start when the disk cannot hold the checkpoints the run will keep (estimated from the state;
+  `check_disk_after_save` redoes it with the size of the first real checkpoint)."""
   state_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state))
-  needed = state_bytes * (keep + 1)  # +1: the next one is written before the oldest is removed
+  per_checkpoint = state_bytes + _CHECKPOINT_OVERHEAD
+  needed = per_checkpoint * (keep + 1)  # +1: the next one is written before the oldest is removed
   free = shutil.disk_usage(workdir).free
   if free < needed:
-    raise OSError(
-      f"workdir {workdir!r} has {free / 2**30:.2f} GiB free but {keep} checkpoints of "
-      f"{state_bytes / 2**30:.2f} GiB need {needed / 2**30:.2f} GiB; free space, choose another "
-      "--workdir or lower config.train.keep_checkpoints"
+    raise DiskFullError(
+      f"workdir {workdir!r} has {human_bytes(free)} free but {keep} checkpoints of about "
+      f"{human_bytes(per_checkpoint)} need {human_bytes(needed)}; free space, choose another --workdir or lower "
+      "config.train.keep_checkpoints"
+    )
+  return per_checkpoint
+
+
+def check_disk_after_save(directory, checkpoint_bytes, num_saved, keep):
+  """After the run's first checkpoint: room for the keep + 1 it will hold at once, sized from the real one."""
+  more = max(keep + 1 - num_saved, 0) * checkpoint_bytes
+  free = shutil.disk_usage(directory).free
+  if free < more:
+    raise DiskFullError(
+      f"a checkpoint of this run takes {human_bytes(checkpoint_bytes)} ({directory}); keeping {keep} needs "
+      f"{human_bytes(more)} more but {human_bytes(free)} is free; free space or lower "
+      "config.train.keep_checkpoints, then run the same command to resume"
     )
 
 
 def check_skipped(skipped, seen, max_fraction):
-  if skipped and skipped / (skipped + seen) > max_fraction:
-    raise RuntimeError(
-      f"{skipped} bad samples skipped out of {skipped + seen} read, more than "
-      f"config.data.max_skipped_fraction={max_fraction}; run `python -m jaxgeo.data.check` "
-      "on the dataset to list them"
+  if skipped and skipped / max(seen, 1) > max_fraction:
+    raise RunError(
+      f"{skipped} bad samples skipped out of {seen} read, more than config.data.max_skipped_fraction="
+      f"{max_fraction}; run `python -m jaxgeo.data.check` on the dataset to list them"
     )

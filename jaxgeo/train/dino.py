@@ -6,19 +6,18 @@ student on all crops, centred and sharpened teacher targets, AdamW with per-step
 per-tensor gradient clipping, last layer frozen during the first epoch(s), EMA teacher.
 """
 
-import dataclasses
-from typing import Any, Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from jaxgeo import parallel
 from jaxgeo.data import augment
 from jaxgeo.models import heads, vit
 from jaxgeo.objectives import dino as dino_objective
 from jaxgeo.train import optim, schedules
+from jaxgeo.train.task import Task
 
 
 class DinoModel(nn.Module):
@@ -56,17 +55,7 @@ def build_models(config):
   return one(True), one(False)
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """What the shared loop needs from a method: pure functions over a plain-dict state."""
-
-  init: Callable[[jax.Array], Any]
-  step: Callable[[Any, Any], Any]
-  embed: Callable[[Any, jax.Array], jax.Array]  # (state, images [B,H,W,C]) -> features, for kNN/probe
-  backbone_path: tuple = ("params", "backbone")  # where pretrained backbone weights go
-
-
-def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh):
+def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh, source=None):
   student, teacher = build_models(config)
   aug, optim_config, loss_config = config.aug, config.optim, config.loss
   lr_peak = optim_config.base_lr * config.train.global_batch_size / 256
@@ -155,4 +144,21 @@ def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh
     images = augment.normalize(augment.center_resize(images, aug.global_size), mean, std)
     return eval_backbone.apply({"params": state["teacher"]["backbone"]}, images)
 
-  return Task(init=init, step=step, embed=embed)
+  def import_pretrained(state):
+    """config.init.checkpoint (a PyTorch DINO checkpoint): its backbone into student and teacher alike."""
+    if not config.init.checkpoint:
+      return state
+    from jaxgeo import bridge
+
+    # Only shapes are read: device_get would fail on arrays sharded over devices of other processes.
+    imported = bridge.load_vit_backbone_params(
+      config.init.checkpoint, state["params"]["backbone"], which=config.init.which
+    )
+    state = dict(state)
+    for key in ("params", "teacher"):
+      state[key] = dict(state[key], backbone=imported)
+    logging.info("backbone initialised from %s (%s)", config.init.checkpoint, config.init.which)
+    return state
+
+  del source  # DINO needs only the bands (in_chans) and their statistics (mean, std)
+  return Task(init=init, step=step, embed=embed, import_pretrained=import_pretrained)

@@ -33,9 +33,46 @@ class MetricWriter:
       self._tb.add_scalar(key, float(value), int(step))
     self._tb.flush()
 
+  def image(self, tag, path, step):
+    """A PNG file into TensorBoard (the evaluation pictures), read back as an HWC array."""
+    if not self.enabled:
+      return
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(path)
+    if pixels.dtype != np.uint8:
+      pixels = (np.clip(pixels, 0, 1) * 255).astype(np.uint8)
+    self._tb.add_image(tag, pixels[..., :3], int(step), dataformats="HWC")
+    self._tb.flush()
+
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def truncate_metrics(workdir, step):
+  """Drops metrics rows after `step` (written by a run that died before saving them): a resume from `step`
+  writes them again, and a log with every step once is what the plots and anyone reading it expect."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if (_parse(line) or {"step": step + 1})["step"] <= step]  # torn lines go too
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
+def _parse(line):
+  try:
+    row = json.loads(line)
+  except ValueError:  # the last line of a run killed while writing it
+    return None
+  return row if isinstance(row, dict) and "step" in row else None
 
 
 def read_metrics(workdir):
@@ -43,7 +80,7 @@ def read_metrics(workdir):
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return [row for row in map(_parse, f) if row is not None]
 
 
 def plot_training_curves(workdir, title="", out_name="loss.png"):
