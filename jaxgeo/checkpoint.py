@@ -198,7 +198,15 @@ class Checkpointer:
           logging.info("restored step %d from %s", step, self.directory)
           return restored.state, dict(restored.loop or {}), step
         except Exception as e:  # noqa: BLE001  tensorstore raises many types for damaged files
-          problem = f"{self.step_dir(step)}: cannot be restored ({type(e).__name__}: {_first_line(e)})"
+          reason = f"{type(e).__name__}: {_first_line(e)}"
+          if os.path.exists(os.path.join(self.step_dir(step), CHECKSUMS)):
+            # The files are as they were saved: the state this code builds does not fit them. Setting intact
+            # checkpoints aside would throw the run away; say so instead.
+            raise CheckpointError(
+              f"checkpoint step {step} in {self.directory} is intact but does not fit the state this run builds "
+              f"({reason}); the code or the config changed the state's structure since it was saved"
+            ) from e
+          problem = f"{self.step_dir(step)}: cannot be restored ({reason})"
       self._set_aside(step, problem, damaged=True)
     return None
 
@@ -242,7 +250,9 @@ def load_state(workdir, step=None):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{workdir}: not a jaxgeo run (no checkpoints/ folder); check the path")
   manager = ocp.CheckpointManager(
-    directory, item_names=("state", "loop"), options=ocp.CheckpointManagerOptions(create=False)
+    directory,
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "loop": ocp.JsonCheckpointHandler()},
+    options=ocp.CheckpointManagerOptions(create=False),
   )
   step = manager.latest_step() if step is None else step
   if step is None:
@@ -250,7 +260,12 @@ def load_state(workdir, step=None):
   problem = verify_checksums(os.path.join(directory, str(step)))
   if problem:
     raise CheckpointError(f"checkpoint step {step} of {workdir} is damaged: {problem}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  # Restored onto one local device whatever the topology that saved it (a run trained on 2 hosts x 4 GPUs is
+  # evaluated on a laptop): the arrays' shapes come from the checkpoint's metadata, the placement is ours.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = manager.item_metadata(step)["state"]
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   manager.close()
   return jax.tree.map(jax.device_get, restored.state)
 

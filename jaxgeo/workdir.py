@@ -49,7 +49,8 @@ RESUME_SAFE = (
   "sharding_rules",
   "distributed.",
   "init.",
-  "eval.knn_",
+  "eval.knn_every",
+  "eval.knn_batches",
   "eval.final_probe",
   "probe.",
 )

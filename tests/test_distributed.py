@@ -262,7 +262,8 @@ def test_two_process_checkpoint_restores(two_process_run, replicated_run, dist_s
   for (path, got), want in zip(
     jax.tree_util.tree_leaves_with_path(jax.device_get(restored)), jax.tree.leaves(reference)
   ):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=parallel.path_str(path))
+    # atol: the k-part of the qkv bias gets no gradient (softmax ignores it) and holds only rounding noise.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=parallel.path_str(path))
 
 
 # ---- FSDP (data=2, fsdp=4) == replicated (data=8, fsdp=1), and FSDP really splits the live state

@@ -28,7 +28,7 @@ class BadSampleError(ValueError):
   def __reduce__(self):
     # Default exception pickling would call __init__ with the formatted message only; grain worker processes
     # send exceptions back to the trainer by pickling them.
-    return (BadSampleError, (self.path, self.problem))
+    return (type(self), (self.path, self.problem))
 
 
 def read_band(

@@ -34,12 +34,13 @@ import numpy as np
 from absl import flags
 
 from jaxgeo.data.geotiff import BadSampleError
+from jaxgeo.errors import RunError
 
 log = logging.getLogger(__name__)
 ON_BAD_SAMPLE = ("error", "skip")
 
 
-class AllSamplesBadError(BadSampleError):
+class AllSamplesBadError(BadSampleError, RunError):
   """Every sample of a batch failed to load: the data is gone or broken wholesale, not a stray bad file."""
 
 

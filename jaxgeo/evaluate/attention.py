@@ -21,7 +21,7 @@ import numpy as np
 import rasterio
 from absl import app, flags
 
-from jaxgeo.data import augment, bigearthnet, geotiff
+from jaxgeo.data import augment, bigearthnet
 from jaxgeo.evaluate import backbone, plots
 
 plt = plots.plt
@@ -32,14 +32,16 @@ def read_patch(path, bands):
   names = bigearthnet.resolve_bands(bands)
   rgb_input = isinstance(bands, str) and bands == "rgb"
   if os.path.isdir(path):
+    # The training reader's own band reading and resampling (nodata policy, accepted dtypes and sizes), so the
+    # map shows what the model saw.
     patch = os.path.basename(os.path.normpath(path))
 
-    def band(name):
-      data = geotiff.read_band(os.path.join(path, f"{patch}_{name}.tif"), expected_dtype=None)
-      return geotiff.resize_bilinear(data, (bigearthnet.PATCH_SIZE, bigearthnet.PATCH_SIZE))
+    def stack(names):
+      bands = [bigearthnet.read_s2_band(os.path.join(path, f"{patch}_{name}.tif"), name) for name in names]
+      return bigearthnet.bands_to_image(bands, bigearthnet.PATCH_SIZE, rgb=False) * 10000.0  # back to DN
 
-    reflectance = np.stack([band(b) for b in names], axis=-1)
-    picture = np.stack([band(b) for b in bigearthnet.RGB_BANDS], axis=-1) / 2000.0
+    reflectance = stack(names)
+    picture = stack(bigearthnet.RGB_BANDS) / 2000.0
   else:
     with rasterio.open(path) as src:
       reflectance = np.moveaxis(src.read(), 0, -1).astype(np.float32)

@@ -193,10 +193,14 @@ def _initial_state(config, workdir, task, init, rng, abstract, shardings, ckpt, 
   train_samples = len(source)
   resume_step = config.train.resume_step if config.train.resume_step >= 0 else None
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  restored = ckpt.restore(target, max_step=resume_step) if ckpt.steps() or resume_step is not None else None
+  restored = None
+  if ckpt.steps() or resume_step is not None:
+    # Before restoring: a config that changes the state's shapes would not fit the checkpoint, and the
+    # difference itself is what the user needs to hear about.
+    workdir_lib.check_resume_config(workdir, config, resume_step if resume_step is not None else ckpt.steps()[-1])
+    restored = ckpt.restore(target, max_step=resume_step)
   if restored is not None:
     state, loop_state, step = restored
-    workdir_lib.check_resume_config(workdir, config, step)
     before = loop_state.get("train_samples", train_samples)
     if before != train_samples and not config.train.accept_config_change:
       raise workdir_lib.ConfigChangedError(
