@@ -677,3 +677,19 @@ def test_skip_mode_on_real_files(dataset_copy):
   assert sorted(indices) == [i for i in range(len(source)) if i not in (1, 4)]
   with pytest.raises(BadSampleError, match=source.names[1]):
     list(make_iter_dataset(source, batch_size_per_process=4, seed=0, num_epochs=1, shuffle=False))
+
+
+def test_check_command_reads_any_registry_dataset(tmp_path, capsys):
+  """`python -m jaxgeo.data.check --dataset=slippy`: the same readers, every problem named, exit 1."""
+  from PIL import Image
+
+  from jaxgeo.data import check, synthetic_aerial
+
+  root = synthetic_aerial.write_synthetic_slippy(tmp_path / "slippy", zoom=19, grid=(4, 3))
+  assert check.main(["--dataset=slippy", f"--root={root}", "--splits=train,validation"]) == 0
+  label = sorted((tmp_path / "slippy").rglob("labels/*/*/*.png"))[0]
+  Image.fromarray(np.full((256, 256), 7, np.uint8)).save(label)  # class 7 of a 2-class dataset
+  assert check.main(["--dataset=slippy", f"--root={root}", "--splits=train,validation"]) == 1
+  out = capsys.readouterr().out
+  assert str(label) in out and "1 problem(s)" in out
+  assert check.main(["--dataset=slippy", f"--root={root}", "--set", "clas_names=a,b"]) == 2

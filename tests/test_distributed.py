@@ -72,6 +72,10 @@ def _subprocess_env(devices_per_process):
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
   env["JAX_PLATFORMS"] = "cpu"
+  # No persistent compilation cache across processes: on CPU with gloo, a resumed 2-process run that loaded its
+  # step from a cache both processes had written hung in its first collective (seen with jax 0.10.2); compiling
+  # afresh costs seconds.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   # The launcher must run this interpreter, activated venv or not: take the venv off PATH so a launcher that
   # ran `python` from PATH would get another interpreter (without jax) and fail.
   env["JAXGEO_PYTHON"] = sys.executable

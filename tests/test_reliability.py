@@ -305,7 +305,9 @@ def test_room_is_checked_against_the_real_first_checkpoint(synthetic_dir, tmp_pa
     return original(directory, checkpoint_bytes, num_saved, keep)
 
   monkeypatch.setattr(checks, "check_disk_after_save", with_little_room)
-  with pytest.raises(checkpoint.DiskFullError, match=r"a checkpoint of this run takes \d+\.\d (KiB|MiB) .*100\.0 KiB is free"):
+  with pytest.raises(
+    checkpoint.DiskFullError, match=r"a checkpoint of this run takes \d+\.\d (KiB|MiB) .*100\.0 KiB is free"
+  ):
     loop.run(config, str(tmp_path / "tight"), dino.make_task)
 
 

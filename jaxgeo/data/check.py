@@ -1,8 +1,13 @@
-"""Scan a BigEarthNet-S2 dataset with the training readers and report every problem, without training.
+"""Scan a dataset with the training readers and report every problem, without training.
 
     python -m jaxgeo.data.check --root=/path/to/BigEarthNet-v1.0 [--metadata=metadata.parquet] [--bands=all] \
         [--nodata=0] [--max_nodata_fraction=1]
     python -m jaxgeo.data.check --root=/path/to/ben_packed        # a packed store: every record read back
+    python -m jaxgeo.data.check --dataset=sen12ms --root=/data/SEN12MS --set sensor=s1s2 --set label_type=single
+    python -m jaxgeo.data.check --dataset=slippy --root=/data/robosat --set class_names=background,building
+
+--dataset is any name of the registry (jaxgeo/data/__init__.py); --set key=value sets that dataset's
+config.data fields (values parsed like the command line's --config.data.<key>).
 
 Prints the nodata policy it checked with (a packed store's is the one it was packed with, whatever --nodata /
 --max_nodata_fraction say). Exits 1 when it finds problems, 0 when the dataset is clean.
@@ -50,8 +55,26 @@ def policy_checked(data_config) -> str:
   return bigearthnet.describe_nodata_policy(*bigearthnet.nodata_policy(data_config))
 
 
+def other_dataset_config(dataset, root, settings):
+  """config.data of a registry dataset other than BigEarthNet, with --set key=value overrides."""
+  from jaxgeo.config_utils import parse_arg
+  from jaxgeo.data import data_config
+
+  config = data_config(dataset)
+  config.root = root
+  values = parse_arg(",".join(settings), lazy=True, **{k: v for k, v in config.items() if not hasattr(v, "keys")})
+  for key in settings:
+    name = key.partition("=")[0]
+    if name not in config:
+      raise ValueError(f"--set {key}: config.data of {dataset!r} has no field {name!r}; it has {sorted(config)}")
+    config[name] = tuple(values[name].split(",")) if isinstance(config[name], tuple) else values[name]
+  return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jaxgeo.data.check", description=__doc__.split("\n")[0])
+  parser.add_argument("--dataset", default="bigearthnet", help="the registry name (config.data.dataset)")
+  parser.add_argument("--set", action="append", default=[], help="key=value for config.data of --dataset")
   parser.add_argument("--root", required=True, help="folder of patch folders (v1) or tile folders (v2), or a store")
   parser.add_argument("--metadata", default=None, help="parquet (gdf-builder or BigEarthNet v2); default: json")
   parser.add_argument(
@@ -61,8 +84,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   pack.add_nodata_arguments(parser)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-  packed = pack.is_packed(args.root)
   splits = args.splits.split(",")
+  if args.dataset != "bigearthnet":
+    try:
+      config = other_dataset_config(args.dataset, args.root, args.set)
+    except ValueError as e:
+      print(f"error: {e}")
+      return 2
+    problems = check_dataset(config, splits)
+    for problem in problems:
+      print(problem)
+    print(f"checked {args.dataset} splits {splits} of {args.root}: {len(problems)} problem(s)")
+    return 1 if problems else 0
+  packed = pack.is_packed(args.root)
   config = {
     "root": args.root,
     "metadata": args.metadata,
