@@ -186,8 +186,7 @@ class Checkpointer:
         raise CheckpointError(
           f"config.train.resume_step={max_step} is not on disk: {self.describe()}; choose one of those steps"
         )
-      for later in [s for s in self.steps() if s > max_step]:
-        self._set_aside(later, f"resuming from step {max_step} (config.train.resume_step)")
+      self.set_aside_after(max_step, f"resuming from step {max_step} (config.train.resume_step)")
     while self.steps():
       step = self.steps()[-1]
       problem = verify_checksums(self.step_dir(step))
@@ -209,6 +208,11 @@ class Checkpointer:
           problem = f"{self.step_dir(step)}: cannot be restored ({reason})"
       self._set_aside(step, problem, damaged=True)
     return None
+
+  def set_aside_after(self, step, reason):
+    """Moves every step after `step` aside (not deleted): a run going back to `step` will write them again."""
+    for later in [s for s in self.steps() if s > step]:
+      self._set_aside(later, reason)
 
   def _set_aside(self, step, reason, damaged=False):
     name = os.path.basename(self.directory)
@@ -244,11 +248,12 @@ def _sync(name):
     multihost_utils.sync_global_devices(name)
 
 
-def load_state(workdir, step=None):
-  """The whole saved train state as host arrays, for evaluation without rebuilding the optimizer."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+def load_state(workdir, step=None, name="checkpoints"):
+  """The whole saved train state as host arrays, for evaluation without rebuilding the optimizer; name="best"
+  reads the best evaluation's checkpoint (train/evaluation.py)."""
+  directory = os.path.join(os.path.abspath(workdir), name)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir}: not a jaxgeo run (no checkpoints/ folder); check the path")
+    raise FileNotFoundError(f"{workdir}: not a jaxgeo run (no {name}/ folder); check the path")
   manager = ocp.CheckpointManager(
     directory,
     item_handlers={"state": ocp.StandardCheckpointHandler(), "loop": ocp.JsonCheckpointHandler()},

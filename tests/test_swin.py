@@ -426,3 +426,24 @@ def test_mismatches_are_listed_with_file_names(seg):
     bridge.segmentation_from_torch(bad_buffer)
   with pytest.raises(common.StateDictMismatchError, match="features.0.0.weight"):
     bridge.segmentation_from_torch({"conv1.weight": np.zeros((4, 3, 7, 7), np.float32)}, num_classes=2)
+
+
+def test_gradient_is_finite_and_matches_torch_with_padded_windows(mini):
+  """A 40 px input gives a 10x10 stage map in windows of 8: padded tokens have zero keys, and normalising a zero
+  vector must have torch's finite gradient (a sqrt-based norm gives NaN for every parameter)."""
+  torch_model, state = mini
+  model, variables, _ = bridge.swin_v2_from_torch(state)
+  images = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3))
+  weights = torch.randn(2, 10, generator=torch.Generator().manual_seed(4))
+  torch_model.zero_grad()
+  (torch_model(images) * weights).sum().backward()
+  torch_norm = sum(float((p.grad.double() ** 2).sum()) for p in torch_model.parameters() if p.grad is not None)
+
+  def loss(v):
+    return jnp.sum(model.apply(v, jnp.asarray(nhwc(images))) * jnp.asarray(weights.numpy()))
+
+  grads = run(jax.grad(loss), variables)
+  leaves = jax.tree.leaves(grads)
+  assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+  jax_norm = sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in leaves)
+  np.testing.assert_allclose(jax_norm, torch_norm, rtol=1e-4)

@@ -1,14 +1,22 @@
 """Small PyTorch models with the reference state-dict names (DINO ViT + DINOHead, torchvision ResNet-50),
-written for the bridge tests. They follow the published architectures; they are not copies of their code."""
+written for the bridge tests. They follow the published architectures; they are not copies of their code.
+The ResNet-50 (and its Bottleneck) lives in benchmarks/torch_moco.py, which the MoCo benchmark trains."""
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from torch_moco import Bottleneck, ResNet50  # noqa: E402
+
+__all__ = ["Bottleneck", "DINOHead", "MultiCropWrapper", "ResNet50", "VisionTransformer", "randomize"]
 
 
 class Attention(nn.Module):
@@ -121,58 +129,6 @@ class MultiCropWrapper(nn.Module):
 
   def forward(self, images):
     return self.head(self.backbone(images))
-
-
-class Bottleneck(nn.Module):
-  def __init__(self, inplanes, planes, stride):
-    super().__init__()
-    self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.conv3, self.bn3 = nn.Conv2d(planes, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes)
-    self.downsample = None
-    if stride != 1 or inplanes != 4 * planes:
-      self.downsample = nn.Sequential(
-        nn.Conv2d(inplanes, 4 * planes, 1, stride=stride, bias=False), nn.BatchNorm2d(4 * planes)
-      )
-
-  def forward(self, x):
-    out = F.relu(self.bn1(self.conv1(x)))
-    out = F.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet50(nn.Module):
-  """torchvision-named ResNet-50; fc: None (Identity), an int (Linear) or (hidden, out) (MoCo MLP)."""
-
-  def __init__(self, in_chans=3, fc=1000):
-    super().__init__()
-    self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
-    self.bn1 = nn.BatchNorm2d(64)
-    self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-    inplanes = 64
-    for stage, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
-      layers = []
-      for index in range(blocks):
-        layers.append(Bottleneck(inplanes, planes, 2 if stage > 1 and index == 0 else 1))
-        inplanes = 4 * planes
-      setattr(self, f"layer{stage}", nn.Sequential(*layers))
-    if fc is None:
-      self.fc = nn.Identity()
-    elif isinstance(fc, int):
-      self.fc = nn.Linear(2048, fc)
-    else:
-      self.fc = nn.Sequential(nn.Linear(2048, fc[0]), nn.ReLU(), nn.Linear(fc[0], fc[1]))
-
-  def features(self, images):
-    x = self.maxpool(F.relu(self.bn1(self.conv1(images))))
-    for stage in range(1, 5):
-      x = getattr(self, f"layer{stage}")(x)
-    return x.mean(dim=(2, 3))
-
-  def forward(self, images):
-    return self.fc(self.features(images))
 
 
 def randomize(module: nn.Module, seed: int, calibration_images=None):

@@ -4,9 +4,13 @@
                                   [--in-chans 12] [--family vit|resnet50] [--no-strict]
   python -m jaxgeo.bridge to-torch IN.safetensors|WORKDIR OUT.pth|OUT.safetensors [--which teacher|params]
 
-to-jax writes the jaxgeo file format (safetensors, flax paths, model config in the metadata; no pickle).
+to-jax writes the jaxgeo file format (safetensors, flax paths, model config in the metadata; no pickle). A MoCo
+checkpoint (facebookresearch/moco or the seed's OpenSelfSup) gives its query encoder with the MLP projector
+(`--which encoder_k`: the key encoder) and the S2 / single band adapter as the ResNet's adapter.
 to-torch takes such a file or a jaxgeo training workdir (orbax checkpoints; `--which` picks teacher or
-student params) and writes reference PyTorch names (.pth needs torch; .safetensors always works).
+student params) and writes reference PyTorch names (.pth needs torch; .safetensors always works). A MoCo run's
+workdir becomes a whole MoCo checkpoint in facebookresearch/moco's layout (main_lincls.py --pretrained reads it),
+band adapters under the seed's input_module_q / input_module_k names (jaxgeo/bridge/moco.py).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import argparse
 import os
 import sys
 
-from jaxgeo.bridge import common, export
+from jaxgeo.bridge import common, export, moco
 from jaxgeo.bridge.resnet import resnet50_from_torch
 from jaxgeo.bridge.vit import dino_vit_from_torch
 
@@ -45,6 +49,9 @@ def to_jax(args) -> None:
     model, variables = dino_vit_from_torch(
       checkpoint, which=args.which or "teacher", load_head=args.head, in_chans=args.in_chans, **strict
     )
+  elif moco.is_moco_checkpoint(checkpoint, args.input) and not args.no_fc and not args.in_chans:
+    # facebookresearch/moco or the seed's OpenSelfSup layout: one encoder (+ the S2 / single band adapter)
+    model, variables = moco.resnet_from_moco(checkpoint, which=args.which or "encoder_q")
   else:
     model, variables = resnet50_from_torch(
       checkpoint, which=args.which, load_fc=not args.no_fc, in_chans=args.in_chans, **strict
@@ -54,6 +61,11 @@ def to_jax(args) -> None:
 
 
 def to_torch(args) -> None:
+  if os.path.isdir(args.input) and _run_method(args.input) == "moco":
+    from jaxgeo.bridge import moco
+
+    print(f"{args.input} -> {moco.export_run(args.input, args.output)}: MoCo checkpoint (module.encoder_q.*, ...)")
+    return
   if os.path.isdir(args.input):
     from jaxgeo.checkpoint import load_params  # lead's orbax reader; only needed for workdirs
 
@@ -63,6 +75,15 @@ def to_torch(args) -> None:
   state = export.to_torch_state_dict(variables)
   export.save_state_dict(state, args.output)
   print(f"{args.input} -> {args.output}: {len(state)} tensors")
+
+
+def _run_method(workdir):
+  from jaxgeo import workdir as workdir_lib
+
+  try:
+    return workdir_lib.load_config(workdir).get("method")
+  except FileNotFoundError:
+    return None
 
 
 def main(argv=None) -> None:

@@ -16,8 +16,15 @@ from __future__ import annotations
 import logging
 import os
 
+from jaxgeo.data.segmentation import (
+  Classes,
+  SegmentationSource,
+  Tile,
+  image_options,
+  report_unpaired,
+  segmentation_config,
+)
 from jaxgeo.data.source import field
-from jaxgeo.data.tiles import Classes, SegmentationSource, Tile, image_options, report_unpaired, segmentation_config
 
 log = logging.getLogger(__name__)
 

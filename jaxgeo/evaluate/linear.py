@@ -26,6 +26,10 @@ cache_features=False for comparison with the reference protocol.
 
 Writes to <workdir>: linear_probe.json (all numbers), per_class_ap.png, and predictions_{validation,test}.npz
 (scores, labels, index, class_names) so anyone can recompute AP, e.g. with scikit-learn.
+
+`compare_with_random_init` is the end of a pretraining run (config.eval.final_probe): the same probe on the run's
+features and on its network at random init, for any method: DINO's teacher ViT with the reference feature above,
+any other method through its task.embed (MoCo: the query encoder's pooled features) on the run's own dataset.
 """
 
 import json
@@ -86,10 +90,11 @@ def split_batches(config, split, *, shuffle=False, seed=0):
   ), len(source)
 
 
-def split_features(config, feature_fn, params, split, mesh, cache_dir=None, cache_key=""):
+def split_features(config, apply_fn, split, mesh, cache_dir=None, cache_key=""):
   """(features, labels, index) of a whole split, loaded from cache_dir when computed there with cache_key.
 
-  cache_key names the backbone and feature definition, so a workdir reused for another backbone recomputes.
+  apply_fn: images [B, H, W, C] (as the pipeline yields them) -> features [B, D]. cache_key names the backbone
+  and feature definition, so a workdir reused for another backbone recomputes.
   """
   path = cache_dir and os.path.join(cache_dir, f"{split}.npz")
   if path and os.path.exists(path):
@@ -98,7 +103,7 @@ def split_features(config, feature_fn, params, split, mesh, cache_dir=None, cach
       return cached["features"], cached["labels"], cached["index"]
     logging.info("%s was computed for %s; recomputing for %s", path, cached["key"], cache_key)
   batches, _ = split_batches(config, split)
-  result = features.extract_features(lambda images: feature_fn(params, images), batches, mesh, with_index=True)
+  result = features.extract_features(apply_fn, batches, mesh, with_index=True)
   if path and jax.process_index() == 0:
     os.makedirs(cache_dir, exist_ok=True)
     np.savez(path, features=result[0], labels=result[1], index=result[2], key=cache_key)
@@ -207,7 +212,8 @@ def report(best, splits, class_names, multilabel, out_dir, extra=None):
 
 
 def probe_backbone(config, model, params, description, out_dir, mesh=None):
-  """Features of train/validation/test, the lr sweep, the report. Returns the results dict."""
+  """A ViT backbone through the reference feature (evaluate/features.py): features of train/validation/test, the
+  lr sweep, the report. Returns the results dict."""
   p = config.probe
   mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
   mean, std, class_names = data_info(config.data)
@@ -215,17 +221,35 @@ def probe_backbone(config, model, params, description, out_dir, mesh=None):
   feature_fn = features.make_feature_fn(
     model, mean=mean, std=std, image_size=p.image_size, n_last_blocks=p.n_last_blocks, avgpool=p.avgpool
   )
-  cache_dir = os.path.join(out_dir, "features")
   cache_key = (
     f"{description}; bands={config.data.bands}; image_size={p.image_size}; "
     f"n_last_blocks={p.n_last_blocks}; avgpool={p.avgpool}; data={config.data.root}"
   )
+  on_the_fly = None
+  if not p.cache_features:
+    on_the_fly = lambda val: _train_on_the_fly(config, model, params, mean, std, mesh, val)  # noqa: E731
+  feature = {"n_last_blocks": p.n_last_blocks, "avgpool": p.avgpool, "image_size": p.image_size}
+  apply_fn = lambda images: feature_fn(params, images)  # noqa: E731
+  return probe_features(
+    config, apply_fn, description, out_dir, mesh, class_names, cache_key, feature, train_on_the_fly=on_the_fly
+  )
+
+
+def probe_features(
+  config, apply_fn, description, out_dir, mesh, class_names, cache_key, feature, train_on_the_fly=None
+):
+  """Features of train/validation/test through apply_fn (images -> [B, D]), the lr sweep on config.probe, the
+  report (linear_probe.json, predictions, chart) in out_dir. train_on_the_fly(val) -> best replaces training on
+  cached train features (the reference's per-epoch augmented views). Returns the results dict."""
+  p = config.probe
+  cached = train_on_the_fly is None
+  cache_dir = os.path.join(out_dir, "features")
   splits = {
-    split: split_features(config, feature_fn, params, split, mesh, cache_dir, cache_key)
-    for split in (("train",) if p.cache_features else ()) + ("validation", "test")
+    split: split_features(config, apply_fn, split, mesh, cache_dir, cache_key)
+    for split in (("train",) if cached else ()) + ("validation", "test")
   }
   logging.info("linear probe: features %s from %s", {k: v[0].shape for k, v in splits.items()}, description)
-  if p.cache_features:
+  if cached:
     (train_x, train_y, _), (val_x, val_y, _) = splits["train"], splits["validation"]
     best = probe.train_probe(
       train_x,
@@ -241,17 +265,8 @@ def probe_backbone(config, model, params, description, out_dir, mesh=None):
       weight_decay=p.weight_decay,
     )
   else:
-    best = _train_on_the_fly(config, model, params, mean, std, mesh, splits["validation"])
-  extra = {
-    "backbone": description,
-    "feature": {
-      "n_last_blocks": p.n_last_blocks,
-      "avgpool": p.avgpool,
-      "image_size": p.image_size,
-      "dim": int(splits["test"][0].shape[1]),
-      "cached": p.cache_features,
-    },
-  }
+    best = train_on_the_fly(splits["validation"])
+  extra = {"backbone": description, "feature": dict(feature, dim=int(splits["test"][0].shape[1]), cached=cached)}
   results = report(best, {k: splits[k] for k in ("validation", "test")}, class_names, p.multilabel, out_dir, extra)
   test = results["test"]
   if p.multilabel:
@@ -278,13 +293,44 @@ def run_linear_probe(config, workdir):
 
 
 def compare_with_random_init(config, workdir, task, state, mesh):
-  """End of a pretraining run (config.eval.final_probe): probe AP of its teacher backbone vs random init.
+  """End of a pretraining run (config.eval.final_probe): the probe on the run's features vs the same network at
+  random init, both rows in <workdir>/probe_{pretrained,random_init}/ and printed side by side on the test split.
 
-  Uses the run's own model, data and global-crop size; probe settings from config.probe when the config
-  has one, else `probe_config` shrunk for a demo (CLS of the last min(4, depth) blocks, 30 epochs). Both
-  rows go to <workdir>/probe_{pretrained,random_init}/ and are printed side by side on the test split.
+  DINO: the teacher backbone, CLS of the last min(4, depth) blocks at the global-crop size (the reference's linear
+  evaluation). Any other method: task.embed on the run's own dataset and labels (config.data), the random-init
+  row being task.init(config.seed), i.e. the network the run started from (before any config.init weights).
+  Probe settings from config.probe when the config has one, else `probe_config` shrunk for a demo (30 epochs).
   """
-  del task  # the backbone is rebuilt from config.model, the same way evaluate/backbone.py builds it
+  if config.method == "dino":
+    eval_config, rows = _dino_rows(config, workdir, state, mesh)
+  else:
+    eval_config, rows = _embedding_rows(config, workdir, task, state, mesh)
+  key = "ap_macro" if eval_config.probe.multilabel else "accuracy"
+  lines = [
+    f"linear probe on the held-out test split ({rows['pretrained']['test']['num_samples']} patches, "
+    f"{'synthetic' if config.data.root is None else config.data.root}): test {key}"
+  ]
+  lines += [f"  {name:<12} {row['test'][key]:.4f}" for name, row in rows.items()]
+  if jax.process_index() == 0:
+    print("\n".join(lines))
+  logging.info("%s", " | ".join(lines))
+  return rows
+
+
+def _eval_config(config, probe_settings):
+  return ml_collections.ConfigDict(
+    {
+      "seed": config.seed,
+      "data": config.data.to_dict(),
+      "mesh": config.mesh.to_dict(),
+      "probe": probe_settings.to_dict(),
+      "model": config.model.to_dict(),
+      "init": {},
+    }
+  )
+
+
+def _dino_rows(config, workdir, state, mesh):
   from jaxgeo.data import bigearthnet
 
   size = config.aug.global_size
@@ -301,16 +347,7 @@ def compare_with_random_init(config, workdir, task, state, mesh):
       feature_batch_size=config.train.global_batch_size,
     )
   )
-  eval_config = ml_collections.ConfigDict(
-    {
-      "seed": config.seed,
-      "data": config.data.to_dict(),
-      "mesh": config.mesh.to_dict(),
-      "probe": probe_settings.to_dict(),
-      "model": config.model.to_dict(),
-      "init": {},
-    }
-  )
+  eval_config = _eval_config(config, probe_settings)
   in_chans = len(bigearthnet.resolve_bands(config.data.bands))
   random_model, random_params, _ = backbone.load_backbone(eval_config, in_chans, size)
   rows = {
@@ -326,13 +363,32 @@ def compare_with_random_init(config, workdir, task, state, mesh):
       eval_config, random_model, random_params, "random init", os.path.join(workdir, "probe_random_init"), mesh
     ),
   }
-  key = "ap_macro" if probe_settings.multilabel else "accuracy"
-  lines = [
-    f"linear probe on the held-out test split ({rows['pretrained']['test']['num_samples']} patches, "
-    f"{'synthetic' if config.data.root is None else config.data.root}): test {key}"
-  ]
-  lines += [f"  {name:<12} {row['test'][key]:.4f}" for name, row in rows.items()]
-  if jax.process_index() == 0:
-    print("\n".join(lines))
-  logging.info("%s", " | ".join(lines))
-  return rows
+  return eval_config, rows
+
+
+def _embedding_rows(config, workdir, task, state, mesh):
+  from jaxgeo import data
+
+  if task.embed is None:
+    raise ValueError(f"config.eval.final_probe: method {config.method!r} has no embed (features to probe)")
+  source = data.build_source(config.data, "test")
+  settings = config.probe if "probe" in config else probe_config(epochs=30, batch_size=128)
+  settings = ml_collections.ConfigDict(settings.to_dict())
+  settings.multilabel = source.label_kind == "multilabel"  # the labels decide: sigmoid + AP or softmax + accuracy
+  if "probe" not in config:
+    settings.feature_batch_size = config.train.global_batch_size
+  eval_config = _eval_config(config, settings)
+  embed = jax.jit(task.embed)
+  random_state = jax.jit(task.init, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(config.seed))
+  data_key = f"{config.data.dataset} {config.data.get('sensor', config.data.get('bands', ''))} root={config.data.root}"
+  rows = {}
+  for name, chosen, description in (
+    ("pretrained", state, f"{config.method} task.embed, step {int(state['step'])}"),
+    ("random init", random_state, f"{config.method} task.embed at random init (seed {config.seed})"),
+  ):
+    apply_fn = lambda images, chosen=chosen: embed(chosen, images)  # noqa: E731
+    out_dir = os.path.join(workdir, f"probe_{name.replace(' ', '_')}")
+    rows[name] = probe_features(
+      eval_config, apply_fn, description, out_dir, mesh, list(source.class_names), f"{description}; {data_key}", {}
+    )
+  return eval_config, rows

@@ -129,9 +129,11 @@ def _layer_norm(name: str) -> nn.LayerNorm:
 
 def _l2_normalize(x):
   """F.normalize(x, dim=-1) in float32: x / max(||x||, 1e-12). A zero key (a padded token: k-bias is 0)
-  therefore stays zero instead of becoming NaN."""
+  therefore stays zero instead of becoming NaN -- and so does its gradient: the norm is taken as
+  rsqrt(max(sum x^2, 1e-24)), not as sqrt, whose derivative at 0 is infinite (NaN through the chain rule),
+  where torch's is finite. Padded windows (a 224 px input: stage maps 56/28/14/7 with window 8) need it."""
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
 class QKV(nn.Module):

@@ -23,14 +23,17 @@ then re-makes it for N bands as the bridge does for RGB weights (kernels tiled o
 
 Where this differs from the seed, on purpose:
   * Moco_1x1RND gets a random adapter (main_train.py builds Moco_1x1 for it, so its "RND" rows reused the
-    pretrained adapter); Moco_1x1 takes each band's adapter weights by name (the seed copies the 1x1 conv only
-    when there are exactly 10 input bands, and always the S2 adapter's BatchNorm, also for S1 input);
+    pretrained adapter), initialised as Supervised_1x1's; Moco_1x1 takes each band's adapter weights by name (the
+    seed copies the 1x1 conv only when there are exactly 10 input bands, and always the S2 adapter's BatchNorm,
+    also for S1 input);
   * a fusion conv1 (12 bands: S2 then S1) keeps only the bands given, where the seed zero-filled the missing
     sensor before normalising (constant inputs of -mean / std);
   * StepLR decays after lr_step_size epochs; the seed calls scheduler.step() before each epoch, so its every
     decay came one epoch early (PyTorch warns about that order);
   * the test split is scored with the checkpoint of the best validation micro-F1; the seed saved that one but
-    scored its last epoch's model.
+    scored its last epoch's model;
+  * an epoch is floor(N / batch) steps, the shared loop carrying the remainder into the next one; the seed kept a
+    short last batch (819 samples: 13 steps an epoch there, 12 here, the same samples seen per step).
 
 Frozen-backbone linear evaluation (classify.mode=linear, as MoCo's main_lincls): BatchNorm in eval mode, only
 the FC trained, initialised N(0, 0.01) with zero bias.
@@ -53,7 +56,6 @@ from jaxgeo.train.task import Task
 MODELS = ("supervised", "adapter")
 MODES = ("finetune", "linear")
 ADAPTER_INIT = ("pretrained", "random")
-_WHERE = "jaxgeo/train/classify.py"
 
 
 def classify_config(**overrides):
@@ -260,8 +262,10 @@ def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh
       if linear:
         logging.warning("classify.mode=linear with no config.init: the frozen backbone is random (a baseline row)")
       return state
-    target = jax.tree.map(np.asarray, {"params": state["params"], "batch_stats": state["batch_stats"]})
-    variables, description = pretrained_variables(config, bands, target)
+    # Leaves that stay fresh (the FC, a random adapter) are passed through untouched: only shapes are read, so
+    # arrays sharded over other processes' devices never need gathering.
+    variables, description = pretrained_variables(config, bands, {k: state[k] for k in ("params", "batch_stats")})
+    logging.info("weights from %s (config.classify.model=%s)", description, config.classify.model)
     params = variables["params"]
     return dict(state, params=params, batch_stats=variables["batch_stats"], opt_state=tx.init(trainable(params)))
 
@@ -383,8 +387,11 @@ def fit(pretrained, target, bands, adapter_init="pretrained"):
       )
     out[collection] = {**_flat(target[collection]), **{k: np.asarray(v, np.float32) for k, v in got.items()}}
   params, stats = out["params"], out["batch_stats"]
-  params[("conv1", "kernel")] = _fit_conv1(pretrained, np.shape(target["params"]["conv1"]["kernel"]), bands)
-  if "adapter_conv" in target["params"]:
+  behind_adapter = "adapter_conv" in target["params"]
+  params[("conv1", "kernel")] = _fit_conv1(
+    pretrained, np.shape(target["params"]["conv1"]["kernel"]), bands, behind_adapter
+  )
+  if behind_adapter:
     _fit_adapter(pretrained, params, stats, bands, adapter_init)
   fc = pretrained.get("fc")
   if fc is not None and np.shape(fc["kernel"]) == np.shape(target["params"]["fc"]["kernel"]):
@@ -395,13 +402,13 @@ def fit(pretrained, target, bands, adapter_init="pretrained"):
   return {"params": common.unflatten(params), "batch_stats": common.unflatten(stats)}
 
 
-def _fit_conv1(pretrained, shape, bands):
+def _fit_conv1(pretrained, shape, bands, behind_adapter):
   where = pretrained["where"]
   kernel = np.asarray(pretrained["backbone"]["params"]["conv1"]["kernel"], np.float32)
   channels, wanted = kernel.shape[2], shape[2]
   if kernel.shape[:2] + kernel.shape[3:] != tuple(shape[:2]) + tuple(shape[3:]):
     raise ValueError(f"{where}: conv1 kernel {kernel.shape} does not fit this model's {tuple(shape)}")
-  if wanted == 3 and len(bands) != 3:  # this model's conv1 reads its band adapter's 3 outputs
+  if behind_adapter:  # this model's conv1 reads its band adapter's 3 outputs, not bands
     if channels != 3:
       raise ValueError(
         f"{where}: its conv1 reads {channels} bands directly, so there is no 3-channel conv1 to put behind a band "
@@ -475,7 +482,7 @@ def _torch_variables(state, where):
   return common.unflatten(flat)
 
 
-def _split_head_and_adapter(variables, where, adapter_bands=None):
+def _split_head_and_adapter(variables, where):
   """Neutral form of flax variables holding a backbone, maybe an adapter and maybe a head."""
   params, stats = dict(variables.get("params", {})), dict(variables.get("batch_stats", {}))
   if "conv1" not in params:
@@ -490,7 +497,7 @@ def _split_head_and_adapter(variables, where, adapter_bands=None):
       "batch_stats": {"adapter_bn": stats.pop("adapter_bn")},
     }
     count = np.shape(adapter["params"]["adapter_conv"]["kernel"])[2]
-    adapters.append((adapter_bands or _bands_by_count(count) or (), adapter))
+    adapters.append((_bands_by_count(count) or (), adapter))
   channels = np.shape(params["conv1"]["kernel"])[2]
   conv1_bands = None if adapters or channels == 3 else _bands_by_count(channels)
   return {
@@ -530,42 +537,44 @@ def _seed_classifier_state(state, where):
 
 
 def read_torch_checkpoint(path, which=None):
-  """Neutral form of a PyTorch ResNet-50 checkpoint: torchvision / timm / SSL4EO-S12, MoCo (encoder_q), the seed's
-  classifiers (main_train.py's {"model_state_dict"}: encoder.N, conv1, FC), OpenSelfSup MoCo (backbone.*,
-  input_module_q / _k) and convert_moco_to_resnet50.py's {"state_dict", "input_module"}."""
+  """Neutral form of a PyTorch ResNet-50 checkpoint: torchvision / timm / SSL4EO-S12, MoCo of the official or the
+  seed's OpenSelfSup layout (bridge/moco.py: query encoder and band adapters), the seed's classifiers (main_train.py's
+  {"model_state_dict"}: encoder.N, conv1, FC) and convert_moco_to_resnet50.py's {"state_dict", "input_module"}."""
   from jaxgeo.bridge import common
+  from jaxgeo.bridge import moco as moco_bridge
   from jaxgeo.bridge.resnet import resnet_state
 
   checkpoint, where = common.read_checkpoint(path)
   state, _ = common.pick_state_dict(checkpoint, where, ("model_state_dict", "state_dict", "model"))
   state = common.strip_prefix({k: v for k, v in state.items() if isinstance(v, np.ndarray)}, ("module.",))
-  adapters = {}  # torch adapter prefix -> the bands the seed's OpenSelfSup feeds it
-  if any(k.startswith("input_module_q.") for k in state) and any(k.startswith("backbone.") for k in state):
-    # OpenSelfSup MOCO: the query encoder is registered as both backbone.* and encoder_q.0.*; S2 query, S1 key
-    backbone = common.subtree(state, "backbone.")
-    adapters = {"input_module_q.net.": state, "input_module_k.net.": state}
-  elif "FC.weight" in state:
-    backbone = _seed_classifier_state(state, where)
+  if which is None and moco_bridge.is_moco_state(state):
+    weights = moco_bridge.from_torch(checkpoint, where)
+    encoder = {group: weights[group]["encoder"] for group in ("params", "batch_stats")}
+    neutral = _split_head_and_adapter(encoder, where)
+    neutral["fc"] = None  # the MoCo projector
+    for name, params in sorted(weights["params"].get("adapters", {}).items()):
+      variables = {"params": params, "batch_stats": weights["batch_stats"]["adapters"][name]}
+      neutral["adapters"].append((_adapter_bands(name, variables, where), variables))
   else:
-    backbone = resnet_state(checkpoint, which, where)
-    if isinstance(checkpoint.get("input_module"), dict):  # convert_moco_to_resnet50.py keeps the query adapter here
-      adapters = {
-        "input_module.net.": {k: v for k, v in checkpoint["input_module"].items() if isinstance(v, np.ndarray)}
-      }
-  backbone = {k: v for k, v in backbone.items() if not k.endswith("num_batches_tracked")}
-  neutral = _split_head_and_adapter(_torch_variables(backbone, where), where)
-  if not (neutral["fc"] is not None and "FC.weight" in state):
-    neutral["fc"] = None  # only the seed's classifiers carry a head meant for these classes
-  for prefix, source in adapters.items():
-    adapter_state = {f"adapter.{k[len(prefix) :]}": v for k, v in source.items() if k.startswith(prefix)}
-    adapter_state = {k: v for k, v in adapter_state.items() if not k.endswith("num_batches_tracked")}
-    if adapter_state:
-      variables = _torch_variables(adapter_state, f"{where} {prefix}")
-      count = np.shape(variables["params"]["adapter_conv"]["kernel"])[2]
-      bands = _bands_by_count(count)
-      if bands is None:
-        raise ValueError(f"{where}: band adapter {prefix} reads {count} channels; expected 2 (S1) or 10 (S2)")
-      neutral["adapters"].append((bands, variables))
+    adapters = {}  # torch prefix of a band adapter -> the tensors holding it
+    if "FC.weight" in state:
+      backbone = _seed_classifier_state(state, where)
+    else:
+      backbone = resnet_state(checkpoint, which, where)
+      if isinstance(checkpoint.get("input_module"), dict):  # convert_moco_to_resnet50.py keeps the query adapter here
+        adapters["input_module.net."] = {
+          k: v for k, v in checkpoint["input_module"].items() if isinstance(v, np.ndarray)
+        }
+    backbone = {k: v for k, v in backbone.items() if not k.endswith("num_batches_tracked")}
+    neutral = _split_head_and_adapter(_torch_variables(backbone, where), where)
+    if "FC.weight" not in state:
+      neutral["fc"] = None  # only the seed's classifiers carry a head meant for these classes
+    for prefix, tensors in adapters.items():
+      adapter_state = {f"adapter.{k[len(prefix) :]}": v for k, v in tensors.items() if k.startswith(prefix)}
+      adapter_state = {k: v for k, v in adapter_state.items() if not k.endswith("num_batches_tracked")}
+      if adapter_state:
+        variables = _torch_variables(adapter_state, f"{where} {prefix}")
+        neutral["adapters"].append((_adapter_bands(prefix, variables, where), variables))
   if neutral["adapters"]:
     neutral["conv1_bands"] = None
   logging.info(
@@ -577,33 +586,35 @@ def read_torch_checkpoint(path, which=None):
   return neutral
 
 
+def _adapter_bands(name, variables, where):
+  """The bands a PyTorch file's band adapter reads: by its name (bridge/moco.py's "s2" / "s1") or its width."""
+  from jaxgeo.data import sen12ms
+
+  if name in ("s1", "s2"):
+    return sen12ms.BAND_SETS[name]
+  count = np.shape(variables["params"]["adapter_conv"]["kernel"])[2]
+  bands = _bands_by_count(count)
+  if bands is None:
+    raise ValueError(f"{where}: band adapter {name} reads {count} channels; expected 2 (S1) or 10 (S2)")
+  return bands
+
+
 # ---- MoCo runs of jaxgeo.train.moco
-# ADAPTER (classify <-> moco): train/moco.py is to provide load_query_encoder(run_dir) -> dict(backbone={"params",
-# "batch_stats"}, adapters={sensor: {...}}, config). Until it does, this reader says so.
 
 
 def read_jaxgeo_run(run_dir):
   """Neutral form of a jaxgeo MoCo run's query encoder and band adapters (train/moco.py's load_query_encoder)."""
   from jaxgeo.data import sen12ms
-  from jaxgeo.errors import RunError
+  from jaxgeo.train import moco
 
-  try:
-    from jaxgeo.train import moco
-
-    load = moco.load_query_encoder
-  except (ImportError, AttributeError) as e:
-    raise RunError(
-      f"config.init.workdir={run_dir}: reading a MoCo run needs jaxgeo.train.moco.load_query_encoder ({e})"
-    ) from None
-  encoder = load(run_dir)
+  encoder = moco.load_query_encoder(run_dir)
   where = f"MoCo run {run_dir}"
   neutral = _split_head_and_adapter(encoder["backbone"], where)
   for sensor, variables in sorted(encoder.get("adapters", {}).items()):
     neutral["adapters"].append((sen12ms.resolve_bands(sensor), variables))
   channels = np.shape(neutral["backbone"]["params"]["conv1"]["kernel"])[2]
-  if neutral["adapters"]:
-    neutral["conv1_bands"] = None
-  elif channels != 3:
+  neutral["conv1_bands"] = None  # with adapters, conv1 reads their 3 outputs
+  if not neutral["adapters"]:
     from jaxgeo import workdir as workdir_lib
 
     run_bands = tuple(workdir_lib.load_dataset_info(run_dir)["bands"])

@@ -158,6 +158,8 @@ def _run(config, workdir, make_task, mesh):
   try:
     state, loop_state = _initial_state(config, workdir, task, init, rng, abstract, shardings, ckpt, source, total_steps)
     step = int(jax.device_get(state["step"]))
+    if evaluator is not None:
+      evaluator.forget_after(step)
     if step >= total_steps:
       logging.info(
         "the run in %s is complete (step %d of %d); nothing to train. Pass another --workdir to train again.",
@@ -439,6 +441,12 @@ class _Evaluation:
       scale = jax.device_put(jnp.float32(decision["lr_scale"]), self.shardings["lr_scale"])
       state = dict(state, lr_scale=scale)
     return state, decision
+
+  def forget_after(self, step):
+    """On resume at `step`: a best checkpoint saved after it belongs to steps this run trains again (their
+    evaluations re-decide it; the restored monitor does not know of it)."""
+    if self.best is not None:
+      self.best.set_aside_after(step, f"newer than the resumed step {step}")
 
   def finish(self, state, step, loop_state):
     """After training: the best checkpoint (or the last state) on config.eval.test_split -> results.json."""

@@ -46,13 +46,13 @@ from absl import logging
 
 from jaxgeo import parallel
 from jaxgeo.data import augment
+from jaxgeo.data.sen12ms import S1_BANDS
 from jaxgeo.models.resnet import BatchNorm, ResNet50
 from jaxgeo.models.vit import compute_dtype
 from jaxgeo.objectives import infonce
 from jaxgeo.train.task import Task
 
 PAIRINGS = ("augment", "sensor", "fusion_all", "fusion_partial")
-S1_BANDS = ("VV", "VH")
 # Partial fusion: which sensors a sample keeps.
 BOTH, S2_ONLY, S1_ONLY = 0, 1, 2
 
@@ -182,23 +182,67 @@ def _check_pairing(config, source, bands):
   return {"image": len(bands)} if adapter else {}
 
 
+def sensor_pairs(s2, s1, group=None):
+  """(query, key) images of the sensor pairing from adapter outputs s2, s1 [B, ...]: S2 queries and S1 keys, and
+  with `group` the second half of every run of `group` samples swapped (S1 query, S2 key). The seed does
+  im_q = cat(q3[:B/2], k3[B/2:]) on each GPU's batch B; a group is one reference GPU's batch."""
+  if group is None:
+    return s2, s1
+  second_half = (jnp.arange(s2.shape[0]) % group >= group // 2).reshape((-1,) + (1,) * (s2.ndim - 1))
+  return jnp.where(second_half, s1, s2), jnp.where(second_half, s2, s1)
+
+
+def partial_fusion_channels(rng, batch_size, s1_channels):
+  """[B, C] float 1 / 0: the channels each partial-fusion sample keeps. Kinds BOTH, S2_ONLY and S1_ONLY in equal
+  shares (a random permutation of the batch, taken modulo 3: counts differ by at most one), drawn from `rng`.
+  s1_channels: [C] bool, True for the S1 (VV, VH) channels of the stacked image."""
+  kinds = jax.random.permutation(rng, batch_size) % 3
+  s1_channels = jnp.asarray(s1_channels, bool)
+  keep_s1 = (kinds != S2_ONLY)[:, None] & s1_channels[None, :]
+  keep_s2 = (kinds != S1_ONLY)[:, None] & ~s1_channels[None, :]
+  return (keep_s1 | keep_s2).astype(jnp.float32)
+
+
+def make_views(config, bands, norm_stats):
+  """views_fn(rng, batch) -> the pairing's normalised views, drawn on the device with a key per sample:
+  {"query", "key"} [B, S, S, C] of batch["image"] (augment, fusion_*), or {"s2", "s1"} [B, S, S, 10 | 2], one
+  view of each sensor (sensor pairing). S = moco.image_size; norm_stats: {"image": (mean, std)} (+ "s1", "s2")
+  in the source's raw units, applied once, after the views (and after partial fusion's zero-filling)."""
+  moco = config.moco
+  recipe, size = view_recipe(resolved(moco)[0]), moco.image_size
+  offsets = _offsets(bands, config.data)
+  s1_channels = np.asarray([b in S1_BANDS for b in bands])
+
+  def views_fn(rng, batch):
+    view_rng, kind_rng = jax.random.split(rng)
+    if moco.pairing == "sensor":
+      out = {}
+      for i, name in enumerate(("s2", "s1")):
+        shift = _offsets(S1_BANDS, config.data) if name == "s1" else ()  # S2 DN need none
+        view = _views(jax.random.fold_in(view_rng, i), batch[name], shift, recipe, size, 1)[0]
+        out[name] = augment.normalize(view, *norm_stats[name])
+      return out
+    views = _views(view_rng, batch["image"], offsets, recipe, size, 2)
+    if moco.pairing == "fusion_partial":
+      views = views * partial_fusion_channels(kind_rng, views.shape[1], s1_channels)[None, :, None, None, :]
+    mean, std = norm_stats["image"]
+    return {"query": augment.normalize(views[0], mean, std), "key": augment.normalize(views[1], mean, std)}
+
+  return views_fn
+
+
 def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh, source=None):
   moco, optim = config.moco, config.optim
   global_batch = config.train.global_batch_size
   infonce.check_sizes(queue_size=moco.queue_size, global_batch_size=global_batch, bn_group_size=moco.bn_group_size)
   bands = tuple(source.bands) if source is not None else tuple(f"band{i}" for i in range(in_chans))
   adapters = _check_pairing(config, source, bands)
-  aug_set, _ = resolved(moco)
-  recipe = view_recipe(aug_set)
   encoder = build_encoder(config)
   group, size = moco.bn_group_size, moco.image_size
   adapter_model = BandAdapter(group, moco.freeze_adapters, encoder.dtype)
   encoder_chans = 3 if adapters else in_chans
   offsets = _offsets(bands, config.data)
-  if moco.pairing == "sensor":
-    sensor_stats = {s: source.norm_stats[s] for s in ("s1", "s2")}
-    sensor_offsets = {"s1": _offsets(S1_BANDS, config.data), "s2": (0.0,) * adapters["s2"]}
-  s1_channels = np.asarray([b in S1_BANDS for b in bands])
+  views_fn = make_views(config, bands, dict(getattr(source, "norm_stats", {}), image=(mean, std)))
   per_device = global_batch // mesh.size
   if per_device % group and group % per_device:
     logging.info(
@@ -234,27 +278,6 @@ def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh
       "rng": state_rng,
     }
 
-  def normalized_views(rng, batch):
-    """{"query", "key"} normalised encoder-or-adapter inputs; sensor pairing: {"s2", "s1"}."""
-    view_rng, kind_rng = jax.random.split(rng)
-    if moco.pairing == "sensor":
-      out = {}
-      for i, name in enumerate(("s2", "s1")):
-        view = _views(jax.random.fold_in(view_rng, i), batch[name], sensor_offsets[name], recipe, size, 1)[0]
-        out[name] = augment.normalize(view, *sensor_stats[name])
-      return out
-    views = _views(view_rng, batch["image"], offsets, recipe, size, 2)
-    if moco.pairing == "fusion_partial":
-      views = views * kept_channels(kind_rng, views.shape[1])[None, :, None, None, :]
-    return {"query": augment.normalize(views[0], mean, std), "key": augment.normalize(views[1], mean, std)}
-
-  def kept_channels(rng, batch_size):
-    """[B, C] 1 for the channels a partial-fusion sample keeps: kinds BOTH / S2_ONLY / S1_ONLY in equal shares."""
-    kinds = jax.random.permutation(rng, batch_size) % 3
-    keep_s1 = (kinds != S2_ONLY)[:, None] & s1_channels[None, :]
-    keep_s2 = (kinds != S1_ONLY)[:, None] & ~s1_channels[None, :]
-    return (keep_s1 | keep_s2).astype(jnp.float32)
-
   def adapt(name, params, stats, images):
     out, updates = adapter_model.apply(
       {"params": params[name], "batch_stats": stats[name]}, images, train=True, mutable=["batch_stats"]
@@ -266,11 +289,8 @@ def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh
     if moco.pairing == "sensor":
       s2, s2_stats = adapt("s2", adapter_params, adapter_stats, inputs["s2"])
       s1, s1_stats = adapt("s1", adapter_params, adapter_stats, inputs["s1"])
-      if not moco.swap_halves:
-        return s2, s1, {"s2": s2_stats, "s1": s1_stats}
-      # The seed's im_q = cat(q3[:B/2], k3[B/2:]) on each GPU: here within each group of bn_group_size samples.
-      second_half = (jnp.arange(s2.shape[0]) % group >= group // 2)[:, None, None, None]
-      return jnp.where(second_half, s1, s2), jnp.where(second_half, s2, s1), {"s2": s2_stats, "s1": s1_stats}
+      query, key = sensor_pairs(s2, s1, group if moco.swap_halves else None)
+      return query, key, {"s2": s2_stats, "s1": s1_stats}
     if not adapters:
       return inputs["query"], inputs["key"], None
     query, stats = adapt("image", adapter_params, adapter_stats, inputs["query"])
@@ -281,7 +301,7 @@ def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh
     step_index = state["step"]
     rng = jax.random.fold_in(state["rng"], step_index)
     view_rng, shuffle_rng = jax.random.split(rng)
-    inputs = normalized_views(view_rng, batch)
+    inputs = views_fn(view_rng, batch)
     params, stats = state["params"], state["batch_stats"]
     # Before the key forward, from the query params as they are before this step's update (the reference).
     key_params = infonce.momentum_update(state["key"]["params"], params["encoder"], moco.momentum)
@@ -388,4 +408,3 @@ def load_query_encoder(run_dir, step=None):
     adapters[sensor] = {"params": params, "batch_stats": state["batch_stats"]["adapters"][name]}
   backbone = {"params": state["params"]["encoder"], "batch_stats": state["batch_stats"]["encoder"]}
   return {"backbone": backbone, "adapters": adapters, "config": config}
-

@@ -51,6 +51,48 @@ PREVIEW_TILES = 4  # tiles in the evaluation's prediction grid
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Config: the fields make_task reads
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def default_config(dataset, arch="base", rgb=True):
+  """config_utils.base_config("segment", dataset) with every field make_task reads, at the LandCover.ai
+  recipe's values (configs/segment_landcoverai.py); a configs/segment_*.py changes what differs.
+
+  model  fpn.model_config (num_classes / in_chans -1: the data's) + input_scaling
+  aug    an augment.segmentation_views recipe (augment.landcoverai(rgb)) + size, the training crop
+  loss   ce_weight, label_smoothing, weighting ("none" | "inverse" | "enet", used when data.class_weights is
+         None), dice_weight, lovasz_weight
+  optim  name ("adam" | "adamw"), lr, weight_decay, b1, b2, eps, warmup_epochs, clip_grad_norm, accumulate
+  eval   every epoch, best and early stopping by validation mIoU ("iou_macro"), test split at the end
+  """
+  config = config_utils.base_config(method="segment", dataset=dataset)
+  config.model = fpn.model_config(arch, num_classes=-1, in_chans=-1)
+  config.model.input_scaling = "auto"  # "auto" | "dataset" | "imagenet" | "unit"
+  config.aug = augment.landcoverai(rgb=rgb)
+  config.aug.size = int(config.data.tile_size)
+  config.loss.ce_weight = 1.0
+  config.loss.label_smoothing = 0.1
+  config.loss.weighting = "enet"
+  config.loss.dice_weight = 0.0
+  config.loss.lovasz_weight = 0.0
+  config.optim.name = "adam"
+  config.optim.lr = 1e-4
+  config.optim.weight_decay = 0.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.warmup_epochs = 0.0
+  config.optim.clip_grad_norm = 0.0
+  config.optim.accumulate = 1
+  config.eval.every = -1
+  config.eval.metric = "iou_macro"
+  config.eval.mode = "max"
+  config.eval.test_split = "test"
+  return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Model and inference (also what predict.py calls)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -100,8 +142,6 @@ def load_run(run_dir, which="best"):
 
 def _saved_state(run_dir, which):
   """(host state, step) of <run>/best or <run>/checkpoints, verified like checkpoint.load_state."""
-  import orbax.checkpoint as ocp
-
   from jaxgeo import checkpoint
 
   config_utils.check_choice("which", which, ("best", "last"))
@@ -110,17 +150,9 @@ def _saved_state(run_dir, which):
     if which == "best":
       logging.warning("%s kept no best checkpoint (config.eval.keep_best); using its latest checkpoint", run_dir)
     state = checkpoint.load_state(run_dir)
-    return state, int(state["step"])
-  manager = ocp.CheckpointManager(
-    best, item_names=("state", "loop"), options=ocp.CheckpointManagerOptions(create=False)
-  )
-  step = manager.latest_step()
-  problem = checkpoint.verify_checksums(os.path.join(best, str(step)))
-  if problem:
-    raise checkpoint.CheckpointError(f"best checkpoint (step {step}) of {run_dir} is damaged: {problem}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  return jax.tree.map(jax.device_get, restored.state), step
+  else:
+    state = checkpoint.load_state(run_dir, name="best")
+  return state, int(state["step"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,7 +191,10 @@ def class_pixel_counts(source, num_classes, *, ignore_index=None, on_bad_sample=
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
-    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+    # As 31-bit words: jax arrays are int32 without x64, and a split passes 2**31 pixels quickly.
+    words = np.stack([counts >> 31, counts & (2**31 - 1)]).astype(np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(words)).astype(np.int64).sum(axis=0)
+    counts = (gathered[0] << 31) + gathered[1]
   return counts
 
 
@@ -227,22 +262,6 @@ def _display(images, bands):
   return np.clip(rgb, 0.0, 1.0)
 
 
-def check_window_padding(model, size):
-  """Refuses a training crop whose Swin stage maps are not whole windows.
-
-  models/swin.py pads such maps with zero tokens, whose keys are zero, and its F.normalize has a NaN gradient
-  at zero (torch's is finite): the first step's gradient would be NaN. Evaluation (no gradient) is unaffected.
-  """
-  maps = [size // (model.patch_size * 2**stage) for stage in range(len(model.depths))]
-  if any(side % model.window_size for side in maps):
-    multiple = model.patch_size * 2 ** (len(model.depths) - 1) * model.window_size
-    raise ValueError(
-      f"config.aug.size={size} gives Swin stage maps {maps}, not all multiples of config.model.window_size="
-      f"{model.window_size}: padded windows make the gradient NaN (models/swin.py). Use a crop size that is a "
-      f"multiple of {multiple}, or a smaller window / fewer stages"
-    )
-
-
 def majority_baseline(confusion, class_names, ignore_index=None):
   """mIoU and pixel accuracy of predicting the split's most frequent class everywhere (from its confusion)."""
   support = confusion.sum(axis=1)
@@ -281,7 +300,6 @@ def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh
   for what, value in (("config.aug.size", size), ("data.tile_size", getattr(source, "tile_size", size))):
     if value <= 0 or value % model.patch_size:
       raise ValueError(f"{what}={value}: expected a positive multiple of the Swin patch size {model.patch_size}")
-  check_window_padding(model, size)
   scaling = config.model.get("input_scaling", "dataset")
   config_utils.check_choice("model.input_scaling", scaling, SCALINGS)
   config_utils.check_choice("loss.weighting", loss_config.weighting, objective.WEIGHTINGS)
@@ -416,8 +434,10 @@ def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh
       mean=summary["iou_macro"],
       mean_label="mIoU",
     )
-    shown = slice(0, min(PREVIEW_TILES, len(preview["image"])))
-    if shown.stop:
+    # The first batch's tiles with the most classes in their truth: a grid of plain fields shows little.
+    variety = [len(np.unique(mask)) for mask in preview["mask"]]
+    shown = sorted(sorted(range(len(variety)), key=lambda i: -variety[i])[:PREVIEW_TILES])
+    if shown:
       plots.segmentation_grid(
         _display(preview["image"][shown], bands),
         preview["mask"][shown],
@@ -432,7 +452,8 @@ def make_task(config, *, steps_per_epoch, total_steps, in_chans, mean, std, mesh
   def import_pretrained(state):
     """On a fresh start: the class weights (one pass over the train masks, unless data.class_weights or
     loss.weighting="none" says otherwise) and config.init.checkpoint's weights with their input statistics."""
-    state = dict(state)
+    fixed = {"mean": np.asarray(initial_mean, np.float32), "std": np.asarray(initial_std, np.float32)}
+    state = dict(state, input_stats=fixed)
     if given_weights is None and loss_config.weighting != "none":
       counts = class_pixel_counts(
         source,
