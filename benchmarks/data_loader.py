@@ -19,8 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -30,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dino_step  # noqa: E402  (sets the XLA / allocator environment before jax is imported)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import report  # noqa: E402
 
 from jaxgeo import data, parallel  # noqa: E402
 from jaxgeo.data import pack as pack_lib  # noqa: E402
@@ -213,20 +212,9 @@ def main(argv=None):
           print(f"  e2e {kind} workers={worker_count}: ERROR {row['error']}", flush=True)
         e2e.append(row)
 
+  cpu_note = "NO GPU available: the end-to-end rows are CPU-device numbers{smoke}, not GPU results"
   result = {
-    "benchmark": "data_loader",
-    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
-    "machine": info,
-    "gpu_available": info["gpu_available"],
-    "note": (
-      "GPU run"
-      if info["gpu_available"]
-      else "NO GPU available: the end-to-end rows are CPU-device "
-      "numbers" + (" at smoke (tiny) shapes" if smoke else "") + ", not GPU results"
-    ),
-    "smoke": smoke,
-    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    **report.header("data_loader", info, smoke, argv, cpu_note),
     "data": {
       "root": root,
       "metadata": metadata,
@@ -243,14 +231,7 @@ def main(argv=None):
     "end_to_end_note": "the jaxgeo DINO step with on-device augmentation, dispatched as train/loop.py does; "
     "fraction_of_memory = loader images/s / fixed-device-batch images/s",
   }
-  out = args.out or os.path.join(
-    dino_step.REPO, "benchmarks", "results", f"data_loader_{'smoke' if smoke else 'full'}_{info['jax_backend']}.json"
-  )
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {out}")
-  return 1 if any("error" in row for row in e2e) else 0
+  return report.write(result, args.out, "smoke" if smoke else "full", e2e)
 
 
 if __name__ == "__main__":

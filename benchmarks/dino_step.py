@@ -20,9 +20,9 @@ autocast (torch). No GPU number is ever estimated: on a CPU the JSON says so and
 from __future__ import annotations
 
 import argparse
-import datetime
+import contextlib
+import functools
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -39,20 +39,20 @@ SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensi
 if "--smoke" in sys.argv[1:] and "--full_opt" not in sys.argv[1:]:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + SMOKE_XLA_FLAGS).strip()
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # report, torch_dino: beside this file
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import report  # noqa: E402
 
 from jaxgeo import data, parallel  # noqa: E402
 from jaxgeo.models import vit  # noqa: E402
 from jaxgeo.train import dino  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Dense (no sparsity) peak TFLOP/s in the benchmark's matmul dtype (bf16 / fp16 tensor cores), by device kind.
-PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("V100", 125.0))
-PEAK_NOTE = (
-  "dense bf16/fp16 tensor-core peak per device: H100 SXM / H200 989, A100 312, V100 125 TFLOP/s "
-  "(an H100 PCIe is 756: its MFU here reads low); CPU: none, MFU null"
+JAX_MEMORY_NOTE = (
+  "jax peak_bytes_in_use is the process's peak so far (all jax variants run before this one included); "
+  "compiled_memory is this step's own"
 )
 FLOPS_FORMULA = (
   "flops_per_step = global_batch * (3 * F_student + F_teacher), matmul FLOPs only (2 per multiply-add; "
@@ -125,69 +125,31 @@ def model_shape(config, in_chans):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class JaxStep:
-  """The jaxgeo DINO state + compiled step for one config, built exactly as train/loop.py builds them.
+class CompiledStep:
+  """A jaxgeo training state and its step, jitted as train/loop.py jits it (state donated, metrics replicated) and
+  compiled ahead of time on one fixed device batch. A subclass calls init_state, sets `batch`, then compile."""
 
-  augmentation=False compiles the same step with `augment.multicrop` replaced by "the batch already holds the
-  crops", so the time excludes augmentation and nothing else changes.
-  """
-
-  def __init__(self, config, mesh, *, in_chans=3, image_size=120, augmentation=True, total_steps=100_000):
-    self.config, self.mesh = config, mesh
-    mean, std = data.normalization_stats(config.data.bands)
-    task = dino.make_task(
-      config, steps_per_epoch=1000, total_steps=total_steps, in_chans=in_chans, mean=mean, std=std, mesh=mesh
-    )
+  def init_state(self, init, config, mesh):
+    """`state` = init(PRNGKey(config.seed)) laid out by config.sharding_rules; returns its shardings."""
     rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(task.init, rng)
-    shardings = parallel.tree_shardings(abstract, config.sharding_rules, mesh)
-    self.state = jax.jit(task.init, out_shardings=shardings)(rng)
-    global_batch = config.train.global_batch_size
-    host = np.random.default_rng(0)
-    if augmentation:
-      batch = {"image": host.uniform(0, 1, (global_batch, image_size, image_size, in_chans)).astype(np.float32)}
-    else:
-      aug = config.aug
-      batch = {
-        "image": (
-          host.standard_normal((2, global_batch, aug.global_size, aug.global_size, in_chans), np.float32),
-          host.standard_normal(
-            (aug.local_crops_number, global_batch, aug.local_size, aug.local_size, in_chans), np.float32
-          ),
-        )
-      }
-    batch["num_skipped"] = np.zeros((global_batch,), np.int32)
-    self.batch = self._to_device(batch)
+    shardings = parallel.tree_shardings(jax.eval_shape(init, rng), config.sharding_rules, mesh)
+    self.state = jax.jit(init, out_shardings=shardings)(rng)
+    return shardings
+
+  def compile(self, step, shardings, mesh, *, swap=None):
+    """Sets `compiled` and `compile_s`. swap: (module, attribute, stand-in), in place only while the step compiles:
+    how a variant leaves a part of the step (augmentation) out and nothing else."""
     batch_shardings = jax.tree.map(lambda a: a.sharding, self.batch)
     step_fn = jax.jit(
-      task.step,
+      step,
       in_shardings=(shardings, batch_shardings),
       out_shardings=(shardings, parallel.replicated(mesh)),
       donate_argnums=0,
     )
     start = time.perf_counter()
-    if augmentation:
+    with _swapped(*swap) if swap else contextlib.nullcontext():
       self.compiled = step_fn.lower(self.state, self.batch).compile()
-    else:
-      real = dino.augment
-      dino.augment = types.SimpleNamespace(multicrop=lambda rng, crops, *args: crops)
-      try:
-        self.compiled = step_fn.lower(self.state, self.batch).compile()
-      finally:
-        dino.augment = real
     self.compile_s = time.perf_counter() - start
-
-  def _to_device(self, batch):
-    def put(path, array):
-      # Crops are [crop, batch, ...]: their batch axis is the second.
-      crop_major = (
-        any(getattr(k, "key", None) == "image" for k in path) and isinstance(array, np.ndarray) and array.ndim == 5
-      )
-      spec = (None, parallel.BATCH_AXES) if crop_major else (parallel.BATCH_AXES,)
-      sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
-      return jax.make_array_from_process_local_data(sharding, array)
-
-    return jax.tree_util.tree_map_with_path(put, batch)
 
   def xla_flops(self):
     try:
@@ -220,6 +182,72 @@ class JaxStep:
     if metrics is not None and not bool(metrics["finite"]):
       raise FloatingPointError(f"non-finite loss {float(metrics['loss'])} in the benchmark step")
     return times
+
+
+@contextlib.contextmanager
+def errors_recorded(row):
+  """A variant that fails (e.g. out of memory) records its error in its row, and the others still run."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    row["error"] = f"{type(e).__name__}: {e}"
+    traceback.print_exc()
+
+
+@contextlib.contextmanager
+def _swapped(module, attribute, stand_in):
+  real = getattr(module, attribute)
+  setattr(module, attribute, stand_in)
+  try:
+    yield
+  finally:
+    setattr(module, attribute, real)
+
+
+class JaxStep(CompiledStep):
+  """The jaxgeo DINO state + compiled step for one config, built exactly as train/loop.py builds them.
+
+  augmentation=False compiles the same step with `augment.multicrop` replaced by "the batch already holds the
+  crops", so the time excludes augmentation and nothing else changes.
+  """
+
+  def __init__(self, config, mesh, *, in_chans=3, image_size=120, augmentation=True, total_steps=100_000):
+    self.config, self.mesh = config, mesh
+    mean, std = data.normalization_stats(config.data.bands)
+    task = dino.make_task(
+      config, steps_per_epoch=1000, total_steps=total_steps, in_chans=in_chans, mean=mean, std=std, mesh=mesh
+    )
+    shardings = self.init_state(task.init, config, mesh)
+    global_batch = config.train.global_batch_size
+    host = np.random.default_rng(0)
+    if augmentation:
+      batch = {"image": host.uniform(0, 1, (global_batch, image_size, image_size, in_chans)).astype(np.float32)}
+    else:
+      aug = config.aug
+      batch = {
+        "image": (
+          host.standard_normal((2, global_batch, aug.global_size, aug.global_size, in_chans), np.float32),
+          host.standard_normal(
+            (aug.local_crops_number, global_batch, aug.local_size, aug.local_size, in_chans), np.float32
+          ),
+        )
+      }
+    batch["num_skipped"] = np.zeros((global_batch,), np.int32)
+    self.batch = self._to_device(batch)
+    crops_given = types.SimpleNamespace(multicrop=lambda rng, crops, *args: crops)
+    self.compile(task.step, shardings, mesh, swap=None if augmentation else (dino, "augment", crops_given))
+
+  def _to_device(self, batch):
+    def put(path, array):
+      # Crops are [crop, batch, ...]: their batch axis is the second.
+      crop_major = (
+        any(getattr(k, "key", None) == "image" for k in path) and isinstance(array, np.ndarray) and array.ndim == 5
+      )
+      spec = (None, parallel.BATCH_AXES) if crop_major else (parallel.BATCH_AXES,)
+      sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
+      return jax.make_array_from_process_local_data(sharding, array)
+
+    return jax.tree_util.tree_map_with_path(put, batch)
 
 
 def jax_peak_memory():
@@ -258,27 +286,35 @@ def torch_variant(shape, batch, flavour, *, warmup, steps, compile_backend, drop
   g, l, c = shape["global_size"], shape["local_size"], shape["in_chans"]
   global_crops = torch.randn(2 * batch, c, g, g, device=device)
   local_crops = torch.randn(shape["local_crops"] * batch, c, l, l, device=device)
+  measured = time_torch(functools.partial(trainer.step, global_crops, local_crops), device, warmup=warmup, steps=steps)
+  del trainer, global_crops, local_crops
+  if device == "cuda":
+    torch.cuda.empty_cache()
+  return measured
+
+
+def time_torch(step, device, *, warmup, steps):
+  """(timed step times, first step's time, peak CUDA memory or None) of `step()`, which returns the loss: the first
+  step on its own, `warmup` - 1 more untimed, then `steps` timed, each synchronised."""
+  import torch  # pylint: disable=g-import-not-at-top
+
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
   start = time.perf_counter()
-  trainer.step(global_crops, local_crops)
+  step()
   sync()
   first_step_s = time.perf_counter() - start
   times = []
   for i in range(warmup - 1 + steps):
     start = time.perf_counter()
-    loss = trainer.step(global_crops, local_crops)
+    loss = step()
     sync()
     if i >= warmup - 1:
       times.append(time.perf_counter() - start)
   if not bool(torch.isfinite(loss)):
     raise FloatingPointError(f"non-finite torch loss {float(loss)}")
-  peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
-  del trainer, global_crops, local_crops
-  if device == "cuda":
-    torch.cuda.empty_cache()
-  return times, first_step_s, peak
+  return times, first_step_s, int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,15 +363,6 @@ def machine():
   return info
 
 
-def peak_tflops(device_kind, backend):
-  if backend == "cpu":
-    return None
-  for name, tflops in PEAK_TFLOPS:
-    if name.lower() in device_kind.lower():
-      return tflops
-  return None
-
-
 def summarize(times, flops, global_batch, devices, peak):
   median = statistics.median(times)
   achieved = flops / median / 1e12
@@ -348,12 +375,47 @@ def summarize(times, flops, global_batch, devices, peak):
   }
 
 
+def torch_fields(measured, flops, batch, peak):
+  """A torch variant's row fields from what time_torch measured, the batch on its one device."""
+  times, first_s, mem = measured
+  summary = summarize(times, flops, batch, 1, peak)
+  return dict(
+    summary,
+    # torch has no ahead-of-time compile to time: its first step pays for tracing / torch.compile / lazy
+    # optimizer state, and what that costs over a steady-state step is its compile time.
+    compile_s=first_s - summary["step_time_s"]["median"],
+    compile_s_method="first step - median steady-state step",
+    first_step_s=first_s,
+    peak_memory_bytes=mem,
+  )
+
+
+def jax_fields(step, args, flops, global_batch, devices, peak, peak_memory_note):
+  """Times a CompiledStep: the first step on its own, args.warmup - 1 more untimed, then args.steps timed; its row
+  fields."""
+  first = time.perf_counter()
+  step.run(1)
+  first_s = time.perf_counter() - first
+  step.run(args.warmup - 1)
+  times = step.run(args.steps)
+  return dict(
+    summarize(times, flops, global_batch, devices, peak),
+    compile_s=step.compile_s,
+    compile_s_method="jax AOT: jit(step).lower(state, batch).compile()",
+    first_step_s=first_s,
+    xla_cost_analysis_flops=step.xla_flops(),
+    compiled_memory=step.compiled_memory(),
+    peak_memory_bytes=jax_peak_memory(),
+    peak_memory_note=peak_memory_note,
+  )
+
+
 def benchmark_batch(args, batch, mesh, info):
   """All variants at one per-device batch size; a variant that fails (e.g. out of memory) records its error."""
   devices = mesh.size
   global_batch = batch * devices
   rows = []
-  peak = peak_tflops(info["device_kind"], info["jax_backend"])
+  peak = report.peak_tflops(info["device_kind"], info["jax_backend"])
   shape = None
   backend = args.torch_compile_backend or ("aot_eager" if args.smoke else "inductor")
 
@@ -374,8 +436,8 @@ def benchmark_batch(args, batch, mesh, info):
       "torch_compile": None if flavour == "eager" else backend,
       "flops_per_step": flops,
     }
-    try:
-      times, first_s, mem = torch_variant(
+    with errors_recorded(row):
+      measured = torch_variant(
         shape,
         batch,
         flavour,
@@ -384,19 +446,7 @@ def benchmark_batch(args, batch, mesh, info):
         compile_backend=backend,
         drop_path_rate=config.model.drop_path_rate,
       )
-      summary = summarize(times, flops, batch, 1, peak)
-      row.update(
-        summary,
-        # torch has no ahead-of-time compile to time: its first step pays for tracing / torch.compile / lazy
-        # optimizer state, and what that costs over a steady-state step is its compile time.
-        compile_s=first_s - summary["step_time_s"]["median"],
-        compile_s_method="first step - median steady-state step",
-        first_step_s=first_s,
-        peak_memory_bytes=mem,
-      )
-    except Exception as e:  # pylint: disable=broad-except
-      row["error"] = f"{type(e).__name__}: {e}"
-      traceback.print_exc()
+      row.update(torch_fields(measured, flops, batch, peak))
     rows.append(row)
     _print_row(row)
 
@@ -422,28 +472,10 @@ def benchmark_batch(args, batch, mesh, info):
       "precision": f"params fp32, compute {jnp.dtype(vit.compute_dtype(config.model.dtype)).name}",
       "flops_per_step": flops,
     }
-    try:
+    with errors_recorded(row):
       step = JaxStep(config, mesh, augmentation=augmentation)
-      first = time.perf_counter()
-      step.run(1)
-      first_s = time.perf_counter() - first
-      step.run(args.warmup - 1)
-      times = step.run(args.steps)
-      row.update(
-        summarize(times, flops, global_batch, devices, peak),
-        compile_s=step.compile_s,
-        compile_s_method="jax AOT: jit(step).lower(state, batch).compile()",
-        first_step_s=first_s,
-        xla_cost_analysis_flops=step.xla_flops(),
-        compiled_memory=step.compiled_memory(),
-        peak_memory_bytes=jax_peak_memory(),
-        peak_memory_note="jax peak_bytes_in_use is the process's peak so far (all jax variants run "
-        "before this one included); compiled_memory is this step's own",
-      )
+      row.update(jax_fields(step, args, flops, global_batch, devices, peak, JAX_MEMORY_NOTE))
       del step
-    except Exception as e:  # pylint: disable=broad-except
-      row["error"] = f"{type(e).__name__}: {e}"
-      traceback.print_exc()
     rows.append(row)
     _print_row(row)
   return rows, shape
@@ -510,73 +542,38 @@ def main(argv=None):
   )
   parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/dino_step_<...>.json)")
   args = parser.parse_args(argv)
-  args.variants = [
-    v for v in (args.variants or ",".join(SMOKE_VARIANTS if args.smoke else ALL_VARIANTS)).split(",") if v
-  ]
-  unknown = sorted(set(args.variants) - set(ALL_VARIANTS))
-  if unknown:
-    parser.error(f"--variants: unknown {unknown}; expected names from {ALL_VARIANTS}")
+  default = SMOKE_VARIANTS if args.smoke else ALL_VARIANTS
+  args.variants = report.parse_variants(parser, args.variants or ",".join(default), ALL_VARIANTS)
   args.steps = args.steps or (3 if args.smoke else 20)
   args.warmup = max(1, args.warmup or 3)
   batches = [int(b) for b in args.sweep.split(",")] if args.sweep else [args.batch or (4 if args.smoke else 64)]
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
   info = machine()
   devices = jax.devices() if args.devices == -1 else jax.devices()[: args.devices]
   config = load_dino_config(args.smoke, args.arch)
   mesh = parallel.make_mesh(config.mesh, devices=devices)
-  print(
-    f"machine: {info['device_kind']} x{mesh.size} ({info['jax_backend']}), jax {info['jax']}, "
-    f"torch {info.get('torch')}, CPU {info['cpu_model']}"
-  )
-  if not info["gpu_available"]:
-    print("NO GPU: these are CPU numbers (smoke-sized if --smoke), not GPU results; MFU is null")
-  print("FLOPs:", FLOPS_FORMULA)
+  report.print_machine(info, mesh.size, FLOPS_FORMULA)
   rows, shape = [], None
   for batch in batches:
     batch_rows, shape = benchmark_batch(args, batch, mesh, info)
     rows.extend(batch_rows)
-  result = {
-    "benchmark": "dino_step",
-    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
-    "machine": info,
-    "gpu_available": info["gpu_available"],
-    "note": (
-      "GPU run"
-      if info["gpu_available"]
-      else "NO GPU available: CPU numbers only"
-      + (" at smoke (tiny) shapes" if args.smoke else "")
-      + "; they say nothing about GPU throughput and no GPU number is estimated"
-    ),
-    "smoke": args.smoke,
-    "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    # Set, a jaxgeo compile_s may be a load from jax's persistent compilation cache rather than a compile.
-    "jax_compilation_cache_dir": os.environ.get("JAX_COMPILATION_CACHE_DIR"),
-    "model": shape,
-    "steps": {"warmup": args.warmup, "timed": args.steps},
-    "input": {
+  result = report.step_result(
+    "dino_step",
+    info,
+    args,
+    argv,
+    model=shape,
+    inputs={
       "jaxgeo": "a fixed device batch of 120x120 images; multi-crop augmentation runs on the device "
       "inside the step (jaxgeo_*), or ready-made crops are fed (jaxgeo_*_noaug)",
       "torch": "ready-made crops on the device (augmentation excluded, as in jaxgeo_*_noaug)",
     },
-    "flops_formula": FLOPS_FORMULA,
-    "peak_tflops_per_device": peak_tflops(info["device_kind"], info["jax_backend"]),
-    "peak_tflops_note": PEAK_NOTE,
-    "results": rows,
-    "ratios": ratios(rows),
-    "ratios_note": "images/s per device of a jaxgeo variant over a torch variant, same run, same batch per device",
-  }
-  out = args.out or os.path.join(
-    REPO, "benchmarks", "results", f"dino_step_{'smoke' if args.smoke else args.arch}_{info['jax_backend']}.json"
+    flops_formula=FLOPS_FORMULA,
+    rows=rows,
+    ratios=ratios(rows),
+    ratios_note="images/s per device of a jaxgeo variant over a torch variant, same run, same batch per device",
   )
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
-  for key, value in result["ratios"].items():
-    print(f"  ratio {key}: {value:.2f}x")
-  print(f"wrote {out}")
-  return 1 if any("error" in r for r in rows) else 0
+  return report.write(result, args.out, "smoke" if args.smoke else args.arch, rows)
 
 
 if __name__ == "__main__":

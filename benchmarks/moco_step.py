@@ -15,18 +15,16 @@ SGD momentum 0.9 + weight decay, shuffle BN. Variants:
   torch_compiled         the same with both encoders under torch.compile and foreach updates
 PyTorch runs one process standing for one reference GPU with the whole batch (main_moco's shuffle with a world of
 one; BatchNorm over the batch) and is fed ready-made views, as its loader workers would. Helpers (machine
-description, summaries, ratios) are benchmarks/dino_step.py's. No GPU number is ever estimated.
+description, timing, summaries, ratios) are benchmarks/dino_step.py's, the printed and written report
+benchmarks/report.py's. No GPU number is ever estimated.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import functools
 import os
 import sys
-import time
-import traceback
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +32,7 @@ import dino_step  # noqa: E402  first: it sets XLA_FLAGS for --smoke before jax 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import report  # noqa: E402
 
 from jaxgeo import parallel  # noqa: E402
 from jaxgeo.data import sen12ms  # noqa: E402
@@ -44,6 +43,7 @@ REPO = dino_step.REPO
 ALL_VARIANTS = ("torch_eager", "torch_compiled", "jaxgeo_augment", "jaxgeo_augment_noaug", "jaxgeo_sensor")
 SMOKE_VARIANTS = ("torch_eager", "torch_compiled", "jaxgeo_augment_noaug", "jaxgeo_sensor")
 RGB = "B04,B03,B02"  # SEN12MS true colour in DN: the 3-band input of the plain MoCo variants
+JAX_MEMORY_NOTE = "jax peak_bytes_in_use is the process's peak so far (earlier jax variants included)"
 FLOPS_FORMULA = (
   "flops_per_step = B * (3 * F_enc + F_enc) + 3 * 2 * B * (K + 1) * d (+ 3 * F_adapters for jaxgeo_sensor): query "
   "forward + backward (3x) and key forward (1x) of F_enc = F_resnet(S) + 2 * (2048 * H + H * d), the logits against "
@@ -115,7 +115,7 @@ def step_flops(shape, global_batch, adapters=False):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class JaxMocoStep:
+class JaxMocoStep(dino_step.CompiledStep):
   """The jaxgeo MoCo state + compiled step, built as train/loop.py builds them, on a fixed device batch.
 
   augmentation=False compiles the same step with the views replaced by "the batch already holds the views".
@@ -138,10 +138,7 @@ class JaxMocoStep:
       mesh=mesh,
       source=source,
     )
-    init = loop.with_loop_fields(task.init)
-    rng = jax.random.PRNGKey(config.seed)
-    shardings = parallel.tree_shardings(jax.eval_shape(init, rng), config.sharding_rules, mesh)
-    self.state = jax.jit(init, out_shardings=shardings)(rng)
+    shardings = self.init_state(loop.with_loop_fields(task.init), config, mesh)
     global_batch = config.train.global_batch_size
     host = np.random.default_rng(0)
     size = patch_size if augmentation else config.moco.image_size
@@ -149,39 +146,15 @@ class JaxMocoStep:
     batch = {"image": dn(len(bands)), "num_skipped": np.zeros((global_batch,), np.int32)}
     if sensor:
       batch.update(s2=batch["image"], s1=host.uniform(-25, 0, (global_batch, size, size, 2)).astype(np.float32))
-    self.batch = parallel.host_to_global(batch, mesh)
-    step_fn = jax.jit(
+    self.batch = parallel.host_to_global(batch, mesh)  # laid out as the loop lays out its batches
+    # Two distinct ready-made views: the batch and its mirror image.
+    views_given = lambda rng, images, offsets, recipe, size, n: jnp.stack([images, images[:, :, ::-1]][:n])
+    self.compile(
       loop._carry_loop_fields(task.step),  # noqa: SLF001  exactly what the loop jits
-      in_shardings=(shardings, {k: parallel.batch_sharding(mesh, v.ndim) for k, v in batch.items()}),
-      out_shardings=(shardings, parallel.replicated(mesh)),
-      donate_argnums=0,
+      shardings,
+      mesh,
+      swap=None if augmentation else (moco, "_views", views_given),
     )
-    start = time.perf_counter()
-    real_views = moco._views
-    if not augmentation:  # two distinct ready-made views: the batch and its mirror image
-      moco._views = lambda rng, images, offsets, recipe, size, n: jnp.stack([images, images[:, :, ::-1]][:n])
-    try:
-      self.compiled = step_fn.lower(self.state, self.batch).compile()
-    finally:
-      moco._views = real_views
-    self.compile_s = time.perf_counter() - start
-
-  def run(self, steps):
-    times, metrics = [], None
-    for _ in range(steps):
-      start = time.perf_counter()
-      self.state, metrics = self.compiled(self.state, self.batch)
-      jax.block_until_ready((self.state, metrics))
-      times.append(time.perf_counter() - start)
-    if metrics is not None and not bool(metrics["finite"]):
-      raise FloatingPointError(f"non-finite loss {float(metrics['loss'])} in the benchmark step")
-    return times
-
-  def compiled_memory(self):
-    return dino_step.JaxStep.compiled_memory(self)
-
-  def xla_flops(self):
-    return dino_step.JaxStep.xla_flops(self)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,27 +184,11 @@ def torch_variant(config, batch, flavour, *, warmup, steps, compile_backend):
     compile_backend=compile_backend,
   )
   views = [torch.randn(batch, 3, m.image_size, m.image_size, device=device) for _ in range(2)]
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  if device == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-  start = time.perf_counter()
-  trainer.step(*views)
-  sync()
-  first_step_s = time.perf_counter() - start
-  times = []
-  for i in range(warmup - 1 + steps):
-    start = time.perf_counter()
-    loss = trainer.step(*views)
-    sync()
-    if i >= warmup - 1:
-      times.append(time.perf_counter() - start)
-  if not bool(torch.isfinite(loss)):
-    raise FloatingPointError(f"non-finite torch loss {float(loss)}")
-  peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
+  measured = dino_step.time_torch(functools.partial(trainer.step, *views), device, warmup=warmup, steps=steps)
   del trainer, views
   if device == "cuda":
     torch.cuda.empty_cache()
-  return times, first_step_s, peak
+  return measured
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +198,7 @@ def torch_variant(config, batch, flavour, *, warmup, steps, compile_backend):
 
 def benchmark(args, mesh, info):
   global_batch = args.batch or (16 if args.smoke else 256)
-  peak = dino_step.peak_tflops(info["device_kind"], info["jax_backend"])
+  peak = report.peak_tflops(info["device_kind"], info["jax_backend"])
   backend = args.torch_compile_backend or ("aot_eager" if args.smoke else "inductor")
   rows, shape = [], None
   for name in args.variants:
@@ -261,7 +218,7 @@ def benchmark(args, mesh, info):
       "augmentation_in_step": name in ("jaxgeo_augment", "jaxgeo_sensor"),
       "flops_per_step": flops,
     }
-    try:
+    with dino_step.errors_recorded(row):
       if torch_row:
         flavour = name.split("_", 1)[1]
         row.update(
@@ -269,17 +226,10 @@ def benchmark(args, mesh, info):
           torch_compile=backend if flavour == "compiled" else None,
           batchnorm="one group: the whole batch (main_moco on one GPU)",
         )
-        times, first_s, mem = torch_variant(
+        measured = torch_variant(
           config, global_batch, flavour, warmup=args.warmup, steps=args.steps, compile_backend=backend
         )
-        summary = dino_step.summarize(times, flops, global_batch, 1, peak)
-        row.update(
-          summary,
-          compile_s=first_s - summary["step_time_s"]["median"],
-          compile_s_method="first step - median steady-state step",
-          first_step_s=first_s,
-          peak_memory_bytes=mem,
-        )
+        row.update(dino_step.torch_fields(measured, flops, global_batch, peak))
       else:
         row.update(
           pairing=pairing,
@@ -288,25 +238,8 @@ def benchmark(args, mesh, info):
           "reference GPUs)",
         )
         step = JaxMocoStep(config, mesh, augmentation=name != "jaxgeo_augment_noaug")
-        first = time.perf_counter()
-        step.run(1)
-        first_s = time.perf_counter() - first
-        step.run(args.warmup - 1)
-        times = step.run(args.steps)
-        row.update(
-          dino_step.summarize(times, flops, global_batch, devices, peak),
-          compile_s=step.compile_s,
-          compile_s_method="jax AOT: jit(step).lower(state, batch).compile()",
-          first_step_s=first_s,
-          xla_cost_analysis_flops=step.xla_flops(),
-          compiled_memory=step.compiled_memory(),
-          peak_memory_bytes=dino_step.jax_peak_memory(),
-          peak_memory_note="jax peak_bytes_in_use is the process's peak so far (earlier jax variants included)",
-        )
+        row.update(dino_step.jax_fields(step, args, flops, global_batch, devices, peak, JAX_MEMORY_NOTE))
         del step
-    except Exception as e:  # noqa: BLE001  a variant that fails (e.g. out of memory) records its error
-      row["error"] = f"{type(e).__name__}: {e}"
-      traceback.print_exc()
     rows.append(row)
     dino_step._print_row(row)  # noqa: SLF001
   return rows, shape
@@ -325,63 +258,32 @@ def main(argv=None):
   parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/moco_step_<...>.json)")
   args = parser.parse_args(argv)
   default = SMOKE_VARIANTS if args.smoke else ALL_VARIANTS
-  args.variants = [v for v in (args.variants or ",".join(default)).split(",") if v]
-  unknown = sorted(set(args.variants) - set(ALL_VARIANTS))
-  if unknown:
-    parser.error(f"--variants: unknown {unknown}; expected names from {ALL_VARIANTS}")
+  args.variants = report.parse_variants(parser, args.variants or ",".join(default), ALL_VARIANTS)
   args.steps = args.steps or (3 if args.smoke else 20)
   args.warmup = max(1, args.warmup or (1 if args.smoke else 3))
 
   info = dino_step.machine()
   devices = jax.devices() if args.devices == -1 else jax.devices()[: args.devices]
   mesh = parallel.make_mesh(types.SimpleNamespace(data=-1, fsdp=1), devices=devices)
-  print(
-    f"machine: {info['device_kind']} x{mesh.size} ({info['jax_backend']}), jax {info['jax']}, torch {info.get('torch')}"
-  )
-  if not info["gpu_available"]:
-    print("NO GPU: these are CPU numbers (smoke-sized if --smoke), not GPU results; MFU is null")
-  print("FLOPs:", FLOPS_FORMULA)
+  report.print_machine(info, mesh.size, FLOPS_FORMULA, cpu_model=False)
   rows, shape = benchmark(args, mesh, info)
-  result = {
-    "benchmark": "moco_step",
-    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
-    "machine": info,
-    "gpu_available": info["gpu_available"],
-    "note": (
-      "GPU run"
-      if info["gpu_available"]
-      else "NO GPU available: CPU numbers only"
-      + (" at smoke (tiny) shapes" if args.smoke else "")
-      + "; they say nothing about GPU throughput and no GPU number is estimated"
-    ),
-    "smoke": args.smoke,
-    "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    "jax_compilation_cache_dir": os.environ.get("JAX_COMPILATION_CACHE_DIR"),
-    "model": shape,
-    "steps": {"warmup": args.warmup, "timed": args.steps},
-    "input": {
+  result = report.step_result(
+    "moco_step",
+    info,
+    args,
+    argv,
+    model=shape,
+    inputs={
       "jaxgeo_augment, jaxgeo_sensor": "a fixed device batch of raw 256-px patches (DN / dB); views drawn in the step",
       "jaxgeo_augment_noaug": "ready-made views of the crop size (augmentation excluded)",
       "torch": "ready-made views of the crop size on the device (augmentation excluded)",
     },
-    "flops_formula": FLOPS_FORMULA,
-    "peak_tflops_per_device": dino_step.peak_tflops(info["device_kind"], info["jax_backend"]),
-    "peak_tflops_note": dino_step.PEAK_NOTE,
-    "results": rows,
-    "ratios": dino_step.ratios(rows),
-    "ratios_note": "images/s per device of a jaxgeo variant over a torch variant, same run, same batch per device",
-  }
-  out = args.out or os.path.join(
-    REPO, "benchmarks", "results", f"moco_step_{'smoke' if args.smoke else 'r50'}_{info['jax_backend']}.json"
+    flops_formula=FLOPS_FORMULA,
+    rows=rows,
+    ratios=dino_step.ratios(rows),
+    ratios_note="images/s per device of a jaxgeo variant over a torch variant, same run, same batch per device",
   )
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
-  for key, value in result["ratios"].items():
-    print(f"  ratio {key}: {value:.2f}x")
-  print(f"wrote {out}")
-  return 1 if any("error" in r for r in rows) else 0
+  return report.write(result, args.out, "smoke" if args.smoke else "r50", rows)
 
 
 if __name__ == "__main__":

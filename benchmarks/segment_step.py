@@ -18,12 +18,8 @@ update runs). FLOPs are analytic (FLOPS_FORMULA); on a CPU the JSON says so and 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
-import time
-import traceback
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +27,7 @@ import dino_step  # noqa: E402  (sets the smoke XLA flags before jax loads; its 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import report  # noqa: E402
 
 from jaxgeo import data, parallel  # noqa: E402
 from jaxgeo.data import augment, landcoverai  # noqa: E402
@@ -42,6 +39,7 @@ REPO = dino_step.REPO
 # .03): fixed so that both frameworks weigh the same.
 CLASS_WEIGHTS = (2.16, 34.3, 3.42, 11.9, 19.3)
 IGNORE_INDEX = 255
+JAX_MEMORY_NOTE = "jax peak_bytes_in_use: the process's peak so far (earlier jax variants included)"
 FLOPS_FORMULA = (
   "flops_per_step = 3 * global_batch * F (forward + backward), matmul and conv FLOPs only (2 per multiply-add; "
   "norms, softmax, resizes, loss, optimizer and augmentation not counted). F = patch embed 2*N1*p^2*in*C + per "
@@ -119,7 +117,7 @@ def host_batch(global_batch, size, num_classes, seed=0):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class JaxStep:
+class JaxStep(dino_step.CompiledStep):
   """The jaxgeo segmentation state and compiled step, built as train/loop.py builds them."""
 
   def __init__(self, config, mesh, global_batch, *, augmentation=True):
@@ -137,10 +135,7 @@ class JaxStep:
     task = segment.make_task(
       config, steps_per_epoch=1000, total_steps=100_000, in_chans=3, mean=mean, std=std, mesh=mesh, source=source
     )
-    init = _with_lr_scale(task.init)
-    rng = jax.random.PRNGKey(config.seed)
-    shardings = parallel.tree_shardings(jax.eval_shape(init, rng), config.sharding_rules, mesh)
-    self.state = jax.jit(init, out_shardings=shardings)(rng)
+    shardings = self.init_state(_with_lr_scale(task.init), config, mesh)
     images, masks = host_batch(global_batch, size, len(CLASS_WEIGHTS))
     batch = {
       "image": images,
@@ -150,37 +145,10 @@ class JaxStep:
       "num_skipped": np.zeros(global_batch, np.int32),
     }
     self.batch = parallel.host_to_global(batch, mesh)
-    batch_shardings = jax.tree.map(lambda a: a.sharding, self.batch)
-    step_fn = jax.jit(
-      task.step,
-      in_shardings=(shardings, batch_shardings),
-      out_shardings=(shardings, parallel.replicated(mesh)),
-      donate_argnums=0,
+    views_given = types.SimpleNamespace(
+      segmentation_views=lambda rng, images, masks, *args: (images, masks), normalize=augment.normalize
     )
-    start = time.perf_counter()
-    if augmentation:
-      self.compiled = step_fn.lower(self.state, self.batch).compile()
-    else:
-      real = segment.augment
-      segment.augment = types.SimpleNamespace(
-        segmentation_views=lambda rng, images, masks, *args: (images, masks), normalize=augment.normalize
-      )
-      try:
-        self.compiled = step_fn.lower(self.state, self.batch).compile()
-      finally:
-        segment.augment = real
-    self.compile_s = time.perf_counter() - start
-
-  def run(self, steps):
-    times, metrics = [], None
-    for _ in range(steps):
-      start = time.perf_counter()
-      self.state, metrics = self.compiled(self.state, self.batch)
-      jax.block_until_ready((self.state, metrics))
-      times.append(time.perf_counter() - start)
-    if metrics is not None and not bool(metrics["finite"]):
-      raise FloatingPointError(f"non-finite loss {float(metrics['loss'])} in the benchmark step")
-    return times
+    self.compile(task.step, shardings, mesh, swap=None if augmentation else (segment, "augment", views_given))
 
 
 def _with_lr_scale(init):
@@ -231,23 +199,7 @@ def torch_variant(shape, global_batch, flavour, *, warmup, steps, compile_backen
     optimizer.step()
     return loss
 
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  if device == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-  start = time.perf_counter()
-  step()
-  sync()
-  first_step_s = time.perf_counter() - start
-  times = []
-  for i in range(warmup - 1 + steps):
-    start = time.perf_counter()
-    loss = step()
-    sync()
-    if i >= warmup - 1:
-      times.append(time.perf_counter() - start)
-  if not bool(torch.isfinite(loss)):
-    raise FloatingPointError(f"non-finite torch loss {float(loss)}")
-  return times, first_step_s, int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
+  return dino_step.time_torch(step, device, warmup=warmup, steps=steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,7 +216,7 @@ def _free_torch_memory():
 
 def run_variants(args, mesh, info):
   global_batch = args.batch
-  peak = dino_step.peak_tflops(info["device_kind"], info["jax_backend"])
+  peak = report.peak_tflops(info["device_kind"], info["jax_backend"])
   config = load_config(args.smoke)
   shape = model_shape(config)
   flops = 3 * global_batch * segmentation_flops(shape)
@@ -290,10 +242,10 @@ def run_variants(args, mesh, info):
       )
     else:
       row["precision"] = f"params fp32, compute {jnp.dtype(vit.compute_dtype(config.model.dtype)).name}"
-    try:
+    with dino_step.errors_recorded(row):
       if framework == "torch":
         flavour = name.removeprefix("torch_")
-        times, first_s, mem = torch_variant(
+        measured = torch_variant(
           shape,
           global_batch,
           flavour,
@@ -302,36 +254,11 @@ def run_variants(args, mesh, info):
           compile_backend=backend,
           lr=config.optim.lr,
         )
-        summary = dino_step.summarize(times, flops, global_batch, 1, peak)
-        row.update(
-          summary,
-          compile_s=first_s - summary["step_time_s"]["median"],
-          compile_s_method="first step - median steady-state step",
-          first_step_s=first_s,
-          peak_memory_bytes=mem,
-        )
+        row.update(dino_step.torch_fields(measured, flops, global_batch, peak))
       else:
         step = JaxStep(config, mesh, global_batch, augmentation=name == "jaxgeo")
-        first = time.perf_counter()
-        step.run(1)
-        first_s = time.perf_counter() - first
-        step.run(args.warmup - 1)
-        times = step.run(args.steps)
-        row.update(
-          dino_step.summarize(times, flops, global_batch, devices, peak),
-          compile_s=step.compile_s,
-          compile_s_method="jax AOT: jit(step).lower(state, batch).compile()",
-          first_step_s=first_s,
-          # dino_step.JaxStep's readers only look at `.compiled`, which this step has too.
-          xla_cost_analysis_flops=dino_step.JaxStep.xla_flops(step),
-          compiled_memory=dino_step.JaxStep.compiled_memory(step),
-          peak_memory_bytes=dino_step.jax_peak_memory(),
-          peak_memory_note="jax peak_bytes_in_use: the process's peak so far (earlier jax variants included)",
-        )
+        row.update(dino_step.jax_fields(step, args, flops, global_batch, devices, peak, JAX_MEMORY_NOTE))
         del step
-    except Exception as e:  # pylint: disable=broad-except
-      row["error"] = f"{type(e).__name__}: {e}"
-      traceback.print_exc()
     rows.append(row)
     _print_row(row)
   return rows, shape
@@ -376,10 +303,7 @@ def main(argv=None):
   parser.add_argument("--full_opt", action="store_true", help="with --smoke: keep XLA's full CPU optimisation")
   parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/segment_step_<...>.json)")
   args = parser.parse_args(argv)
-  args.variants = [v for v in args.variants.split(",") if v]
-  unknown = sorted(set(args.variants) - set(ALL_VARIANTS))
-  if unknown:
-    parser.error(f"--variants: unknown {unknown}; expected names from {ALL_VARIANTS}")
+  args.variants = report.parse_variants(parser, args.variants, ALL_VARIANTS)
   args.batch = args.batch or (8 if args.smoke else 16)
   args.steps = args.steps or (3 if args.smoke else 20)
   args.warmup = max(1, args.warmup or 3)
@@ -389,55 +313,26 @@ def main(argv=None):
   mesh = parallel.make_mesh(load_config(args.smoke).mesh, devices=devices)
   if args.batch % mesh.size:
     parser.error(f"--batch {args.batch} must be a multiple of the {mesh.size} jax devices")
-  print(
-    f"machine: {info['device_kind']} x{mesh.size} ({info['jax_backend']}), jax {info['jax']}, "
-    f"torch {info.get('torch')}, CPU {info['cpu_model']}"
-  )
-  if not info["gpu_available"]:
-    print("NO GPU: these are CPU numbers (smoke-sized if --smoke), not GPU results; MFU is null")
-  print("FLOPs:", FLOPS_FORMULA)
+  report.print_machine(info, mesh.size, FLOPS_FORMULA)
   rows, shape = run_variants(args, mesh, info)
-  result = {
-    "benchmark": "segment_step",
-    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv))),
-    "machine": info,
-    "gpu_available": info["gpu_available"],
-    "note": (
-      "GPU run"
-      if info["gpu_available"]
-      else "NO GPU available: CPU numbers only"
-      + (" at smoke (tiny) shapes" if args.smoke else "")
-      + "; they say nothing about GPU throughput and no GPU number is estimated"
-    ),
-    "smoke": args.smoke,
-    "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    "jax_compilation_cache_dir": os.environ.get("JAX_COMPILATION_CACHE_DIR"),
-    "model": shape,
-    "loss": "cross-entropy, class weights, ignore_index 255, label smoothing 0.1; Adam, one update per step",
-    "steps": {"warmup": args.warmup, "timed": args.steps},
-    "input": {
+  result = report.step_result(
+    "segment_step",
+    info,
+    args,
+    argv,
+    model=shape,
+    loss="cross-entropy, class weights, ignore_index 255, label smoothing 0.1; Adam, one update per step",
+    inputs={
       "jaxgeo": "a fixed device batch of tiles + masks; joint augmentation inside the step (jaxgeo) or none "
       "(jaxgeo_noaug)",
       "torch": "ready-made NCHW tensors on the device (augmentation excluded, as jaxgeo_noaug)",
     },
-    "flops_formula": FLOPS_FORMULA,
-    "peak_tflops_per_device": dino_step.peak_tflops(info["device_kind"], info["jax_backend"]),
-    "peak_tflops_note": dino_step.PEAK_NOTE,
-    "results": rows,
-    "ratios": ratios(rows),
-    "ratios_note": "images/s of a jaxgeo variant over a torch variant, same run, same global batch",
-  }
-  out = args.out or os.path.join(
-    REPO, "benchmarks", "results", f"segment_step_{'smoke' if args.smoke else 'swinv2b'}_{info['jax_backend']}.json"
+    flops_formula=FLOPS_FORMULA,
+    rows=rows,
+    ratios=ratios(rows),
+    ratios_note="images/s of a jaxgeo variant over a torch variant, same run, same global batch",
   )
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
-  for key, value in result["ratios"].items():
-    print(f"  ratio {key}: {value:.2f}x")
-  print(f"wrote {out}")
-  return 1 if any("error" in r for r in rows) else 0
+  return report.write(result, args.out, "smoke" if args.smoke else "swinv2b", rows)
 
 
 if __name__ == "__main__":

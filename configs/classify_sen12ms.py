@@ -30,14 +30,7 @@ from jaxgeo.train.classify import classify_config, optim_config
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, variant="full")
   config = base_config(method="classify", dataset="sen12ms")
-  config.model = ml_collections.ConfigDict(
-    dict(
-      arch="resnet50",
-      stages=(3, 4, 6, 3),  # bottleneck blocks per stage; smaller for tests and demos
-      width=64,  # stem channels (64 in ResNet-50)
-      dtype="auto",  # bfloat16 compute on GPU/TPU, float32 on CPU; params always float32
-    )
-  )
+  config_utils.sen12ms_resnet(config, arg.variant)  # the same data and backbone in both SEN12MS configs
   config.classify = classify_config()
   config.optim = optim_config()
   config.init.workdir = ml_collections.config_dict.placeholder(str)  # a jaxgeo MoCo run
@@ -65,24 +58,12 @@ def get_config(arg=None):
   if arg.variant == "demo":
     # A small ResNet on small synthetic patches: the data and backbone of configs/moco_sen12ms.py:demo, so its run
     # initialises this one. launch/sen12ms_table_demo.py points data.train_list at the synthetic 1k-like subset.
-    config.data.synthetic_num_scenes = 40
-    config.data.synthetic_patches_per_scene = 16
-    config.data.synthetic_patch_size = 64
-    config.data.worker_count = 0
-    config.model.stages = (1, 1, 1, 1)
-    config.model.width = 16
     config.train.global_batch_size = 16
     config.train.epochs = 30
     config.train.log_every = 20
     config.train.checkpoint_every = 200
   elif arg.variant == "smoke":
     # The synthetic data and backbone of configs/moco_sen12ms.py:smoke, so its run initialises this one.
-    config.data.synthetic_num_scenes = 8
-    config.data.synthetic_patches_per_scene = 8
-    config.data.synthetic_patch_size = 32
-    config.data.worker_count = 0
-    config.model.stages = (1, 1, 1, 1)
-    config.model.width = 4
     config.train.global_batch_size = 8
     config.train.epochs = 2
     config.train.log_every = 1

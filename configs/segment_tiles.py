@@ -28,41 +28,24 @@ rate cut tenfold after 3. Start from pretrained weights with --config.init.check
 """
 
 from jaxgeo import config_utils
-from jaxgeo.config_utils import base_config
 
 DATASETS = ("slippy", "folders", "labelmaker")
 
 
 def get_config(arg=None):
   from jaxgeo.data import augment  # pylint: disable=g-import-not-at-top
-  from jaxgeo.models import fpn  # pylint: disable=g-import-not-at-top
+  from jaxgeo.train import segment  # pylint: disable=g-import-not-at-top
 
   arg = config_utils.parse_arg(arg, variant="full", dataset="slippy")
   config_utils.check_choice("dataset (configs/segment_tiles.py argument)", arg.dataset, DATASETS)
-  config = base_config(method="segment", dataset=arg.dataset)
-
-  config.model = fpn.model_config("tiny", num_classes=-1, in_chans=-1)  # -1: the data's classes and bands
+  # Every field train/segment.py reads (Adam 1e-4, ENet weights, cross-entropy); what RoboSat does otherwise below.
+  config = segment.default_config(arg.dataset, arch="tiny")  # -1 classes / bands: the data's
   config.model.drop_path_rate = 0.1
-  config.model.input_scaling = "auto"  # "auto" | "dataset" | "imagenet" | "unit" (train/segment.py)
 
   config.aug = augment.robosat(rgb=True)
   config.aug.size = 256  # = data.tile_size: whole tiles, as RoboSat trains
-
-  config.loss.ce_weight = 1.0
   config.loss.label_smoothing = 0.0
-  config.loss.weighting = "enet"  # when data.class_weights is None: RoboSat's `rs weights`
-  config.loss.dice_weight = 0.0
-  config.loss.lovasz_weight = 0.0  # RoboSat's default loss is Lovasz: e.g. 1.0 here with ce_weight 0.0
-
-  config.optim.name = "adam"
-  config.optim.lr = 1e-4
-  config.optim.weight_decay = 0.0
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
-  config.optim.eps = 1e-8
-  config.optim.warmup_epochs = 0.0
-  config.optim.clip_grad_norm = 0.0
-  config.optim.accumulate = 1
+  # RoboSat's default loss is Lovasz: e.g. --config.loss.lovasz_weight=1.0 --config.loss.ce_weight=0.0
 
   config.train.global_batch_size = 16
   config.train.epochs = 50  # an upper bound: early stopping ends the run

@@ -105,3 +105,29 @@ def base_config(method, dataset="bigearthnet"):
   c.distributed.process_id = -1
   c.distributed.cpu_collectives = "gloo"
   return c
+
+
+# The small variants' synthetic SEN12MS and ResNet: (scenes, patches per scene, patch px, stem width). MoCo and
+# classification take them from here, so a configs/moco_sen12ms.py run of a variant initialises the
+# configs/classify_sen12ms.py run of the same variant (the table demo chains them).
+SEN12MS_SMALL = {"demo": (40, 16, 64, 16), "smoke": (8, 8, 32, 4)}
+
+
+def sen12ms_resnet(config, variant):
+  """Sets config.model to a ResNet-50 and, for the variants in SEN12MS_SMALL, shrinks it and the synthetic data."""
+  config.model = ml_collections.ConfigDict(
+    dict(
+      arch="resnet50",
+      stages=(3, 4, 6, 3),  # bottleneck blocks per stage; smaller for tests and demos
+      width=64,  # stem channels (64 in ResNet-50)
+      dtype="auto",  # bfloat16 compute on GPU/TPU, float32 on CPU; params always float32
+    )
+  )
+  if variant in SEN12MS_SMALL:
+    scenes, per_scene, size, width = SEN12MS_SMALL[variant]
+    config.data.synthetic_num_scenes = scenes
+    config.data.synthetic_patches_per_scene = per_scene
+    config.data.synthetic_patch_size = size
+    config.data.worker_count = 0
+    config.model.stages = (1, 1, 1, 1)
+    config.model.width = width

@@ -1,6 +1,7 @@
 """Packed store (pack command, PackedSource, build_source) and the benchmarks' smoke modes."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -163,7 +164,9 @@ def test_dino_step_smoke_writes_json(tmp_path):
     assert row["images_per_s"] > 0 and row["achieved_tflops"] > 0 and row["flops_per_step"] > 0
     assert row["step_time_s"]["min"] <= row["step_time_s"]["median"] <= row["step_time_s"]["max"]
     assert row["mfu"] is None  # a CPU has no peak in the table: no invented utilisation
-    assert row["compile_s"] > 0 and row["compile_s_method"], row
+    # torch's compile_s is first step - median step: noise on a busy machine can make an eager one negative.
+    assert row["compile_s"] > 0 if row["variant"].startswith("jaxgeo") else math.isfinite(row["compile_s"]), row
+    assert row["compile_s_method"], row
   assert set(result["ratios"]) == {"b4: jaxgeo_xla / torch_eager", "b4: jaxgeo_xla / torch_compiled"}
   assert all(v > 0 for v in result["ratios"].values())
 

