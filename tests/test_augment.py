@@ -1,4 +1,4 @@
-"""Tests for the on-device augmentation (jaxgeo/data/augment.py): DINO multi-crop, recipe views for MoCo, joint
+"""Tests for the on-device augmentation (jaxgeo/data/augment/): DINO multi-crop, recipe views for MoCo, joint
 image+mask views for segmentation, on tiny images. Compiles are the cost here: each helper below compiles once per
 recipe family with the probabilities traced, and the tests reuse those compiles."""
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxgeo.data import augment
+from jaxgeo.data.augment import ops
 
 RGB_MEAN, RGB_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
@@ -115,9 +116,9 @@ def test_normalisation_and_zero_local_crops():
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def resized_window(img, in_size, top, left, h_w, out):
   """img [in, in, C], window (top, left, h_w[0], h_w[1]) -> [out, out, C] through the crop weights."""
-  rows = augment._resize_weights(in_size, out, jnp.int32(top), jnp.int32(h_w[0]))
-  cols = augment._resize_weights(in_size, out, jnp.int32(left), jnp.int32(h_w[1]))
-  return augment._resample(img, rows, cols)
+  rows = ops._resize_weights(in_size, out, jnp.int32(top), jnp.int32(h_w[0]))
+  cols = ops._resize_weights(in_size, out, jnp.int32(left), jnp.int32(h_w[1]))
+  return ops._resample(img, rows, cols)
 
 
 def test_whole_image_crop_is_plain_resize():
@@ -156,8 +157,8 @@ def test_flip_actually_flips():
 
 def test_blur_tiny_sigma_is_identity_and_large_sigma_smooths():
   img = images(batch=1, size=24)[0]
-  np.testing.assert_allclose(augment._gaussian_blur(img, 0.1, radius=6), img, atol=1e-6)
-  assert augment._gaussian_blur(img, 2.0, radius=6).var() < 0.2 * img.var()
+  np.testing.assert_allclose(ops._gaussian_blur(img, 0.1, radius=6), img, atol=1e-6)
+  assert ops._gaussian_blur(img, 2.0, radius=6).var() < 0.2 * img.var()
   sharp, _ = run(no_randomness())
   blurred, _ = run(no_randomness(blur_p=(1.0, 1.0, 1.0)))
   assert blurred.var(axis=(2, 3)).mean() < sharp.var(axis=(2, 3)).mean()
@@ -182,7 +183,7 @@ def test_solarize_only_second_global_crop():
 def test_hue_shift_matches_colorsys():
   pixels = np.asarray(images(batch=1, size=8)[0]).reshape(-1, 3)
   shift = 0.13
-  ours = np.asarray(augment._shift_hue(jnp.asarray(pixels), shift))
+  ours = np.asarray(ops._shift_hue(jnp.asarray(pixels), shift))
   ref = []
   for r, g, b in pixels:
     h, s, v = colorsys.rgb_to_hsv(r, g, b)
@@ -192,9 +193,9 @@ def test_hue_shift_matches_colorsys():
 
 def test_color_jitter_zero_strength_is_identity_and_changes_otherwise():
   img = images(batch=1, size=12)[0]
-  same = augment._color_jitter(jax.random.key(0), img, (0.0, 0.0, 0.0, 0.0), rgb=True)
+  same = ops._color_jitter(jax.random.key(0), img, (0.0, 0.0, 0.0, 0.0), rgb=True)
   np.testing.assert_allclose(same, img, atol=1e-5)
-  changed = augment._color_jitter(jax.random.key(0), img, (0.4, 0.4, 0.2, 0.1), rgb=True)
+  changed = ops._color_jitter(jax.random.key(0), img, (0.4, 0.4, 0.2, 0.1), rgb=True)
   assert not np.allclose(changed, img, atol=1e-3)
   assert changed.min() >= 0.0 and changed.max() <= 1.0
 
@@ -214,7 +215,7 @@ def test_multispectral_twelve_bands():
 def test_crop_scale_statistics_follow_config():
   keys = jax.random.split(jax.random.key(3), 2000)
   for scale, band in (((0.4, 1.0), (0.6, 0.8)), ((0.05, 0.4), (0.18, 0.27))):
-    top, left, h, w = jax.vmap(lambda k, scale=scale: augment._crop_box(k, 120, 120, scale, (3 / 4, 4 / 3)))(keys)
+    top, left, h, w = jax.vmap(lambda k, scale=scale: ops._crop_box(k, 120, 120, scale, (3 / 4, 4 / 3)))(keys)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 120).all() and (left + w <= 120).all()
     frac = np.asarray(h * w) / 120**2
     assert band[0] < frac.mean() < band[1], (scale, frac.mean())
@@ -222,7 +223,7 @@ def test_crop_scale_statistics_follow_config():
     ratios = np.asarray(w / h)
     assert (ratios > 0.7).all() and (ratios < 1.4).all()
   # No attempt can fit (full area at aspect >= 1.5 overflows): centre crop narrowed to the ratio range.
-  box = augment._crop_box(jax.random.key(0), 40, 40, (1.0, 1.0), (1.5, 2.0))
+  box = ops._crop_box(jax.random.key(0), 40, 40, (1.0, 1.0), (1.5, 2.0))
   assert tuple(int(v) for v in box) == (6, 0, 27, 40)
 
 
@@ -334,7 +335,7 @@ def test_no_clipping_of_negative_db():
 
 @functools.partial(jax.jit, static_argnames="jitter")
 def _band_jitter(keys, img, jitter):
-  return jax.vmap(lambda k: augment._color_jitter(k, img, jitter, rgb=False, clip=None))(keys)
+  return jax.vmap(lambda k: ops._color_jitter(k, img, jitter, rgb=False, clip=None))(keys)
 
 
 def test_multispectral_jitter_scales_brightness_and_pulls_each_band_to_its_mean():
@@ -358,9 +359,9 @@ def test_bilinear_crop_matches_pil():
 
   img = band_images(batch=1, size=20, channels=1, seed=3)[0, :, :, 0]
   top, left, h, w, out = 3, 5, 13, 9, 7  # a downscale (antialiased) in both directions
-  rows = augment._resize_weights(20, out, top, h, kernel=augment._triangle)
-  cols = augment._resize_weights(20, out, left, w, kernel=augment._triangle)
-  ours = np.asarray(augment._resample(jnp.asarray(img)[..., None], rows, cols))[..., 0]
+  rows = ops._resize_weights(20, out, top, h, kernel=ops._triangle)
+  cols = ops._resize_weights(20, out, left, w, kernel=ops._triangle)
+  ours = np.asarray(ops._resample(jnp.asarray(img)[..., None], rows, cols))[..., 0]
   pil = Image.fromarray(img, mode="F").crop((left, top, left + w, top + h)).resize((out, out), Image.BILINEAR)
   np.testing.assert_allclose(ours, np.asarray(pil), atol=2e-5)
 
