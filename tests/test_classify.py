@@ -18,7 +18,7 @@ from torch_reference import ResNet50, randomize
 from jaxgeo import bridge, checkpoint
 from jaxgeo.data import sen12ms
 from jaxgeo.evaluate import table
-from jaxgeo.train import classify, loop
+from jaxgeo.train import classifier_weights, classify, loop
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import classify_sen12ms  # noqa: E402
@@ -296,13 +296,13 @@ def test_config_errors_name_the_field():
 def test_fit_bands_carries_weights_by_band_name():
   kernel = np.arange(10 * 3, dtype=np.float32).reshape(1, 1, 10, 3)
   s1s2 = sen12ms.BAND_SETS["s1s2"]
-  fitted = classify.fit_bands(kernel, sen12ms.SEED_S2_BANDS, s1s2, "test")
+  fitted = classifier_weights.fit_bands(kernel, sen12ms.SEED_S2_BANDS, s1s2, "test")
   np.testing.assert_array_equal(fitted[:, :, :10], kernel)
   assert not np.any(fitted[:, :, 10:])  # VV, VH are new: zero weight
-  picked = classify.fit_bands(kernel, sen12ms.SEED_S2_BANDS, ("B04", "B03", "B02"), "test")
+  picked = classifier_weights.fit_bands(kernel, sen12ms.SEED_S2_BANDS, ("B04", "B03", "B02"), "test")
   np.testing.assert_array_equal(picked[0, 0], kernel[0, 0, [2, 1, 0]])
   with pytest.raises(ValueError, match="none of"):
-    classify.fit_bands(kernel, sen12ms.SEED_S2_BANDS, sen12ms.S1_BANDS, "test")
+    classifier_weights.fit_bands(kernel, sen12ms.SEED_S2_BANDS, sen12ms.S1_BANDS, "test")
 
 
 # ---------------------------------------------------------------- the seed's PyTorch classifiers
@@ -360,7 +360,7 @@ def test_ssl4eo_13_band_resnet_reads_the_seed_s2_bands_by_name(tmp_path):
   path = tmp_path / "ssl4eo_like.pth"
   torch.save(net.state_dict(), path)
   fresh = classify.seed_init(classify.build_model(config, len(CLASSES)), 10, jax.random.key(0))
-  variables = classify.fit(classify.read_torch_checkpoint(str(path)), fresh, sen12ms.SEED_S2_BANDS)
+  variables = classifier_weights.fit(classifier_weights.read_torch_checkpoint(str(path)), fresh, sen12ms.SEED_S2_BANDS)
   _assert_same(variables["params"]["fc"], fresh["params"]["fc"])  # an ImageNet-style head is not carried over
   images = torch.randn(2, 13, 32, 32)
   dropped = [sen12ms.S2_BANDS.index(b) for b in ("B01", "B09", "B10")]
@@ -396,11 +396,11 @@ def test_seed_openselfsup_moco_checkpoint_gives_moco_1x1(tmp_path):
   state["queue"], state["queue_ptr"] = torch.randn(8, 32), torch.zeros(1, dtype=torch.long)
   path = tmp_path / "openselfsup_moco.pth"
   torch.save({"meta": {}, "state_dict": state}, path)
-  pretrained = classify.read_torch_checkpoint(str(path))
+  pretrained = classifier_weights.read_torch_checkpoint(str(path))
   for sensor, side in (("s2", "q"), ("s1", "k")):
     bands = sen12ms.BAND_SETS[sensor]
     fresh = classify.seed_init(classify.build_model(config, len(CLASSES)), len(bands), jax.random.key(0))
-    variables = classify.fit(pretrained, fresh, bands)
+    variables = classifier_weights.fit(pretrained, fresh, bands)
     images = torch.randn(2, len(bands), 32, 32)
     with torch.no_grad():
       want = query.eval().features(adapters[side].eval()(images)).numpy()
@@ -560,7 +560,7 @@ def _imported(pretrained, model, sensor, adapter="pretrained"):
   bands = sen12ms.BAND_SETS[sensor]
   fresh = classify.seed_init(classify.build_model(config, len(CLASSES)), len(bands), jax.random.key(0))
   fresh = jax.tree.map(np.asarray, fresh)
-  return fresh, classify.fit(pretrained, fresh, bands, adapter_init=adapter)
+  return fresh, classifier_weights.fit(pretrained, fresh, bands, adapter_init=adapter)
 
 
 def _assert_same(a, b):
@@ -575,7 +575,7 @@ def test_weights_from_a_moco_run_fit_each_model_and_sensor(moco_run):
   from jaxgeo.train import moco
 
   encoder = moco.load_query_encoder(moco_run)
-  pretrained = classify.read_jaxgeo_run(moco_run)
+  pretrained = classifier_weights.read_jaxgeo_run(moco_run)
   run = {
     g: {k: v for k, v in encoder["backbone"][g].items() if not k.startswith("fc")} for g in ("params", "batch_stats")
   }

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Sequence
 
+from jaxgeo import logs
 from jaxgeo.data import bigearthnet, build_source, pack
 from jaxgeo.data.bigearthnet import SPLITS
 
@@ -83,7 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to scan")
   pack.add_nodata_arguments(parser)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+  with logs.command_logging():
+    return _check(args)
+
+
+def _check(args):
   splits = args.splits.split(",")
   if args.dataset != "bigearthnet":
     try:

@@ -43,6 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxgeo import logs
 from jaxgeo.data import bigearthnet as ben
 from jaxgeo.data.geotiff import BadSampleError
 
@@ -423,8 +424,12 @@ def main(argv=None):
   parser.add_argument("--overwrite", action="store_true")
   add_nodata_arguments(parser)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   bands = args.bands if args.bands in ("all", "rgb") else [b for b in args.bands.split(",") if b]
+  with logs.command_logging("%(asctime)s %(levelname)s %(message)s"):
+    return _pack_command(args, bands)
+
+
+def _pack_command(args, bands):
   try:
     pack(
       args.root,

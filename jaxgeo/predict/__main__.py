@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 
+from jaxgeo import logs
 from jaxgeo.predict import model, scene, slippy
 
 
@@ -164,15 +165,13 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-  for noisy in ("absl", "jax", "rasterio", "matplotlib", "PIL"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  try:
-    run(args)
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    # The message names the file or option and what was expected; a traceback would bury it.
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  with logs.command_logging("%(levelname)s %(message)s", quiet=("absl", "jax", "rasterio", "matplotlib", "PIL")):
+    try:
+      run(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+      # The message names the file or option and what was expected; a traceback would bury it.
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   return 0
 
 
