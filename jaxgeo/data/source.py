@@ -19,7 +19,10 @@ their statistics are in.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+import os
+import shutil
+import tempfile
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -82,3 +85,28 @@ def announce_synthetic(dataset: str, path: str, how_to_use_real: str) -> None:
     path,
     how_to_use_real,
   )
+
+
+def write_once(directory, folder: str, write: Callable[[str], str | None], marker: str = ".jaxgeo-complete") -> str:
+  """`directory/folder`, written by `write(staging_path)` unless a complete copy exists (its `marker` file, holding
+  what `write` returns, is written last). Written into a temporary folder and renamed into place, so concurrent
+  writers (hosts, test processes) never see half a dataset, and a crash mid-write leaves nothing that looks done."""
+  directory = os.path.expanduser(os.fspath(directory))
+  final = os.path.join(directory, folder)
+  if os.path.isfile(os.path.join(final, marker)):
+    return final
+  os.makedirs(directory, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".writing-", dir=directory)
+  try:
+    stamp = write(staging)
+    with open(os.path.join(staging, marker), "w") as f:
+      f.write(stamp or "")
+    try:
+      os.rename(staging, final)
+    except OSError:
+      if not os.path.isfile(os.path.join(final, marker)):  # not a concurrent writer having won the race
+        raise
+  finally:
+    if os.path.isdir(staging):
+      shutil.rmtree(staging)
+  return final

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from affine import Affine
@@ -22,6 +20,7 @@ from rasterio.crs import CRS
 
 from jaxgeo.data import bigearthnet as ben
 from jaxgeo.data.geotiff import resize_bilinear, write_geotiff
+from jaxgeo.data.source import write_once
 
 _FORMAT_VERSION = 4  # bump when the written data changes, so stale caches are not reused
 _SIZE = ben.PATCH_SIZE
@@ -233,16 +232,7 @@ def write_synthetic_bigearthnet(directory: str | os.PathLike, num_patches: int, 
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
-  directory = os.path.expanduser(os.fspath(directory))
-  final = os.path.join(directory, f"ben_s2_v{_FORMAT_VERSION}_n{num_patches}_seed{seed}")
-  root = os.path.join(final, "BigEarthNet-v1.0")
-  parquet_path = os.path.join(final, "metadata.parquet")
-  marker = os.path.join(final, "COMPLETE")
-  if os.path.isfile(marker):
-    return root, parquet_path
-  os.makedirs(directory, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".writing-", dir=directory)
-  try:
+  def write(staging):
     rng = np.random.default_rng(seed)
     projection = CRS.from_string(_CRS).to_wkt()
     rows = {"name": [], "original_split": [], "labels": [], "new_labels": [], "snow": [], "cloud_or_shadow": []}
@@ -273,14 +263,7 @@ def write_synthetic_bigearthnet(directory: str | os.PathLike, num_patches: int, 
       rows["snow"].append(False)
       rows["cloud_or_shadow"].append(False)
     pq.write_table(pa.table(rows), os.path.join(staging, "metadata.parquet"))
-    with open(os.path.join(staging, "COMPLETE"), "w") as f:
-      json.dump({"num_patches": num_patches, "seed": seed, "version": _FORMAT_VERSION}, f)
-    try:
-      os.rename(staging, final)
-    except OSError:
-      if not os.path.isfile(marker):  # not a concurrent writer having won the race: a real failure
-        raise
-  finally:
-    if os.path.isdir(staging):
-      shutil.rmtree(staging)
-  return root, parquet_path
+    return json.dumps({"num_patches": num_patches, "seed": seed, "version": _FORMAT_VERSION})
+
+  final = write_once(directory, f"ben_s2_v{_FORMAT_VERSION}_n{num_patches}_seed{seed}", write, marker="COMPLETE")
+  return os.path.join(final, "BigEarthNet-v1.0"), os.path.join(final, "metadata.parquet")

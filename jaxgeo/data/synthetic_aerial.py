@@ -14,9 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
-from typing import Callable
 
 import numpy as np
 import rasterio
@@ -24,6 +21,7 @@ import rasterio.warp
 from affine import Affine
 
 from jaxgeo.data.geotiff import resize_bilinear, write_geotiff
+from jaxgeo.data.source import write_once
 
 _FORMAT_VERSION = 1  # bump when the written data changes, so stale caches are not reused
 # Scene classes: LandCover.ai's ids, which the other layouts remap to their own class sets.
@@ -203,31 +201,6 @@ def render_scene(rng: np.random.Generator, height: int, width: int, gsd: float) 
 # ---------------------------------------------------------------------------------------------------------------
 # Writers: each dataset in its real layout, written once into a versioned folder
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def write_once(directory: str | os.PathLike, folder: str, write: Callable[[str], None]) -> str:
-  """`directory/folder`, written by `write(staging_path)` unless a complete copy exists. Written to a temporary
-  folder and renamed into place, so concurrent writers (hosts, test processes) never see half a dataset."""
-  directory = os.path.expanduser(os.fspath(directory))
-  final = os.path.join(directory, folder)
-  marker = os.path.join(final, ".jaxgeo-complete")
-  if os.path.isfile(marker):
-    return final
-  os.makedirs(directory, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".writing-", dir=directory)
-  try:
-    write(staging)
-    with open(os.path.join(staging, ".jaxgeo-complete"), "w") as f:
-      f.write(f"format version {_FORMAT_VERSION}\n")
-    try:
-      os.rename(staging, final)
-    except OSError:
-      if not os.path.isfile(marker):  # not a concurrent writer having won the race: a real failure
-        raise
-  finally:
-    if os.path.isdir(staging):
-      shutil.rmtree(staging)
-  return final
 
 
 def _save_png(path: str, array: np.ndarray, palette: np.ndarray | None = None) -> None:

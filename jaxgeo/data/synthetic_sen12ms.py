@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
-import tempfile
 
 import numpy as np
 from affine import Affine
 
 from jaxgeo.data import sen12ms
 from jaxgeo.data.geotiff import resize_bilinear, write_geotiff
+from jaxgeo.data.source import write_once
 
 _FORMAT_VERSION = 1  # bump when the written data changes, so stale caches are not reused
 _REAL_SIZE = 256  # structure sizes below are in pixels of a real 256-px, 10 m patch
@@ -244,15 +243,8 @@ def write_synthetic_sen12ms(
       f"data.synthetic_patches_per_scene >= 1 and data.synthetic_patch_size >= 8, got {num_scenes}, "
       f"{patches_per_scene}, {patch_size}"
     )
-  directory = os.path.expanduser(os.fspath(directory))
-  final = os.path.join(
-    directory, f"sen12ms_v{_FORMAT_VERSION}_{num_scenes}x{patches_per_scene}_px{patch_size}_seed{seed}"
-  )
-  if os.path.isfile(os.path.join(final, "COMPLETE")):
-    return final
-  os.makedirs(directory, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".writing-", dir=directory)
-  try:
+
+  def write(staging):
     rng = np.random.default_rng(seed)
     unit, stride = patch_size / _REAL_SIZE, patch_size // 2
     cols = int(np.ceil(np.sqrt(patches_per_scene)))
@@ -292,14 +284,9 @@ def write_synthetic_sen12ms(
         pickle.dump([np.str_(n) for n in names], f)
     with open(os.path.join(staging, "SEN12MS_holdOutScenes.txt"), "w") as f:
       f.write("".join(f"{h}\n" for h in holdout))
-    with open(os.path.join(staging, "COMPLETE"), "w") as f:
-      json.dump({"version": _FORMAT_VERSION, "scenes": num_scenes, "patches": len(train) + len(test), "seed": seed}, f)
-    try:
-      os.rename(staging, final)
-    except OSError:
-      if not os.path.isfile(os.path.join(final, "COMPLETE")):  # not a concurrent writer having won the race
-        raise
-  finally:
-    if os.path.isdir(staging):
-      shutil.rmtree(staging)
-  return final
+    return json.dumps(
+      {"version": _FORMAT_VERSION, "scenes": num_scenes, "patches": len(train) + len(test), "seed": seed}
+    )
+
+  folder = f"sen12ms_v{_FORMAT_VERSION}_{num_scenes}x{patches_per_scene}_px{patch_size}_seed{seed}"
+  return write_once(directory, folder, write, marker="COMPLETE")
