@@ -3,7 +3,7 @@
 Each T x T tile goes through the model as a (T + 2 * buffer)^2 composite: the tile with a `buffer`-pixel margin
 cut from its 8 neighbours (x grows east, y south, as in XYZ tiles), so objects on a tile edge are seen whole; the
 prediction is then cropped back to the tile. Where a neighbour is missing (the edge of the covered area), the margin
-is the tile mirrored at its edge (numpy "reflect"), not black as in RoboSat (whose code leaves a TODO to mirror):
+is the tile mirrored at its edge (numpy "reflect"), not black as in RoboSat (whose code leaves mirroring as an open note):
 the model never saw black margins in training, and a black band biases the edge pixels toward dark classes (water,
 shadow), while a mirror continues the local texture and statistics. A missing corner next to present sides is the
 tile's mirrored corner (it only feeds the receptive field: the margin is cropped away).
