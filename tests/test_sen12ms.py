@@ -12,6 +12,7 @@ from affine import Affine
 
 from jaxgeo.data import BadSampleError, build_source, data_config, make_iter_dataset, write_geotiff
 from jaxgeo.data import sen12ms as s12
+from jaxgeo.data.safe_pickle import UnsafeListError
 from jaxgeo.data.synthetic_sen12ms import write_synthetic_sen12ms
 
 SIZE = 32
@@ -255,20 +256,20 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
 
   evil = tmp_path / "train_list.pkl"
   evil.write_bytes(pickle.dumps([np.str_("ROIs1158_spring_s2_1_p1.tif"), Payload()]))
-  with pytest.raises(s12.UnsafeListError, match=r"refusing global '(posix|os|nt)\.system' in list file .*train_list"):
+  with pytest.raises(UnsafeListError, match=r"refusing global '(posix|os|nt)\.system' in list file .*train_list"):
     s12.read_name_list(evil)
   disguised = tmp_path / "train_list.txt"  # read by what it is, not by its name
   disguised.write_bytes(evil.read_bytes())
-  with pytest.raises(s12.UnsafeListError):
+  with pytest.raises(UnsafeListError):
     s12.read_name_list(disguised)
   disguised.unlink()
   (tmp_path / "ROIs1158_spring").mkdir()
-  with pytest.raises(s12.UnsafeListError):
+  with pytest.raises(UnsafeListError):
     s12.Sen12msSource(tmp_path, "train")
   assert not marker.exists()
   # numpy scalars that are not strings, and dtypes that are not string dtypes, are refused as well
   (tmp_path / "floats.pkl").write_bytes(pickle.dumps([np.float64(1.0)]))
-  with pytest.raises(s12.UnsafeListError, match="numpy dtype 'f8'"):
+  with pytest.raises(UnsafeListError, match="numpy dtype 'f8'"):
     s12.read_name_list(tmp_path / "floats.pkl")
   (tmp_path / "dict.pkl").write_bytes(pickle.dumps({"a": 1}))
   with pytest.raises(ValueError, match="dict.pkl: expected a pickled list"):

@@ -9,7 +9,7 @@ Seasons: ROIs1158_spring, ROIs1868_summer, ROIs1970_fall, ROIs2017_winter.
 Splits come from lists of S2 file names (S1 / LC are found by swapping the sensor in folder and file name):
 `train_list.txt` / `test_list.txt` (one name a line) or the pickled lists people have (schmitt-muc's
 `*_list.pkl`, the Berkeley seed's `train_list_1024.pkl`: a list of numpy.str_), read by `read_name_list`
-without running any pickle code. Validation is `data.val_list` or, as the seed does, the last
+without running any pickle code (`safe_pickle`). Validation is `data.val_list` or, as the seed does, the last
 `data.val_fraction` of the train list in list order (first int(0.8 N) train). Each split is then sorted by name
 and the one known-broken patch (NaN SAR) dropped, as the seed does.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from typing import Sequence
 
@@ -35,6 +34,7 @@ import rasterio
 import rasterio.errors
 
 from jaxgeo.data.geotiff import BadSampleError, _describe
+from jaxgeo.data.safe_pickle import load_string_list
 
 log = logging.getLogger(__name__)
 
@@ -214,61 +214,6 @@ def make_labels(counts: np.ndarray, label_type: str, threshold: float) -> np.nda
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class UnsafeListError(pickle.UnpicklingError):
-  """A pickled name list names a global other than numpy's string scalar reconstruction."""
-
-
-class _StrDtype:
-  """Stands in for numpy.dtype("U<n>") / ("S<n>") inside a list pickle; anything else is refused."""
-
-  def __init__(self, where, spec, align=False, copy=False):
-    if not (isinstance(spec, str) and re.fullmatch(r"[US]\d+", spec)):
-      raise UnsafeListError(f"{where}: refusing numpy dtype {spec!r:.40}; a name list holds only string dtypes")
-    self.where, self.spec, self.byteorder = where, spec, "="
-
-  def __setstate__(self, state):
-    # numpy's dtype state: (version, byteorder, subarray, names, fields, itemsize, alignment, flags)
-    if not (isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "=")):
-      raise UnsafeListError(f"{self.where}: unexpected numpy dtype state {state!r:.80}")
-    self.byteorder = state[1]
-
-
-class _NameListUnpickler(pickle.Unpickler):
-  def __init__(self, file, where: str):
-    super().__init__(file, encoding="latin1")  # latin1: Python 2 / numpy 1 pickles, as numpy advises
-    self._where = where
-
-  def find_class(self, module, name):
-    where = self._where
-
-    def scalar(dtype, data=None):
-      if not isinstance(dtype, _StrDtype) or not isinstance(data, (bytes, str)):
-        raise UnsafeListError(f"{where}: numpy scalar of {dtype!r:.40} is not a string")
-      raw = data.encode("latin1") if isinstance(data, str) else data
-      dt = np.dtype(dtype.spec).newbyteorder(dtype.byteorder)
-      if len(raw) != dt.itemsize:
-        raise UnsafeListError(f"{where}: numpy string scalar of {len(raw)} bytes, its dtype {dt} takes {dt.itemsize}")
-      return np.frombuffer(raw, dt, count=1)[0]
-
-    def encode(text, encoding="utf-8"):
-      if encoding not in ("latin1", "latin-1"):  # what numpy's protocol-2 scalar pickles use
-        raise UnsafeListError(f"{where}: refusing _codecs.encode with encoding {encoding!r:.40}")
-      return text.encode(encoding)
-
-    allowed = {
-      ("numpy.core.multiarray", "scalar"): scalar,  # numpy < 2 pickles
-      ("numpy._core.multiarray", "scalar"): scalar,
-      ("numpy", "dtype"): lambda *args: _StrDtype(where, *args),
-      ("_codecs", "encode"): encode,
-    }
-    if (module, name) not in allowed:
-      raise UnsafeListError(
-        f"refusing global '{module}.{name}' in list file {where}: a name list must be a pickled list of str / "
-        "numpy.str_; nothing in it was run"
-      )
-    return allowed[(module, name)]
-
-
 def read_name_list(path: str | os.PathLike) -> list[str]:
   """S2 file names of a split list: a pickle (`.pkl` / `.pickle`, or any file starting like one: a list or tuple of
   str / numpy string scalars, read with an unpickler that refuses every other global) or text (one name a line;
@@ -283,13 +228,7 @@ def read_name_list(path: str | os.PathLike) -> list[str]:
   with open(path, "rb") as f:
     is_pickle = path.endswith((".pkl", ".pickle")) or f.read(1) == b"\x80"  # protocol >= 2 starts with PROTO
   if is_pickle:
-    with open(path, "rb") as f:
-      try:
-        entries = _NameListUnpickler(f, path).load()
-      except UnsafeListError:
-        raise
-      except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"{path}: not a readable pickled list of names: {e!r}") from e
+    entries = load_string_list(path)
     if not isinstance(entries, (list, tuple)):
       raise ValueError(f"{path}: expected a pickled list of S2 file names, got {type(entries).__name__}")
   else:
