@@ -19,6 +19,7 @@ from jaxgeo.data import (
   CLASSES_19,
   BadSampleError,
   BigEarthNetSource,
+  ben_labels,
   build_source,
   data_config,
   make_iter_dataset,
@@ -77,7 +78,7 @@ def test_synthetic_files_are_georeferenced_geotiffs_at_native_band_sizes(dataset
   with open(os.path.join(root, name, f"{name}_labels_metadata.json")) as f:
     meta = json.load(f)
   assert {"labels", "coordinates", "projection", "tile_source", "acquisition_date"} <= set(meta)
-  assert meta["labels"] and all(label in ben.CLASSES_43 for label in meta["labels"])
+  assert meta["labels"] and all(label in ben_labels.CLASSES_43 for label in meta["labels"])
   table = pq.read_table(metadata).to_pydict()
   assert {"name", "original_split", "new_labels"} <= set(table) and sorted(table["name"]) == names
   mtime = os.path.getmtime(metadata)
@@ -448,7 +449,7 @@ def test_v2_layout_without_metadata_finds_patches_in_tile_folders(dataset_copy):
   # A folder in a tile without band files is still listed, so its missing files are reported, not dropped.
   os.makedirs(os.path.join(root, "S2B_MSIL2A_tile0", "S2B_lost_1_1"))
   assert ben.find_patches(root)["S2B_lost_1_1"] == os.path.join("S2B_MSIL2A_tile0", "S2B_lost_1_1")
-  lost = BigEarthNetSource(root, None, split=ben.hash_split("S2B_lost_1_1"), bands="rgb")
+  lost = BigEarthNetSource(root, None, split=ben_labels.hash_split("S2B_lost_1_1"), bands="rgb")
   index = lost.names.index("S2B_lost_1_1")
   with pytest.raises(BadSampleError, match="missing band file") as info:
     lost[index]

@@ -13,15 +13,13 @@ import importlib
 
 import ml_collections
 
+from jaxgeo.data.ben_labels import CLASSES_19, CLASSES_43, LABEL_43_TO_19
 from jaxgeo.data.bigearthnet import (
   ALL_BANDS,
   BAND_MEAN,
   BAND_STD,
-  CLASSES_19,
-  CLASSES_43,
   IMAGENET_MEAN,
   IMAGENET_STD,
-  LABEL_43_TO_19,
   RGB_BANDS,
   BigEarthNetSource,
   normalization_stats,

@@ -44,6 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxgeo import logs
+from jaxgeo.data import ben_labels
 from jaxgeo.data import bigearthnet as ben
 from jaxgeo.data.geotiff import BadSampleError
 
@@ -133,7 +134,7 @@ class PackedSource:
 
   name = "bigearthnet"
   label_kind = "multilabel"
-  class_names = ben.CLASSES_19
+  class_names = ben_labels.CLASSES_19
 
   @property
   def norm_stats(self):
@@ -214,7 +215,7 @@ class PackedSource:
       raise BadSampleError(self.path, f"{where}: holds patch {header.get('name')!r}, the names file says otherwise")
     try:
       payload_bytes, layout = self._layout if "shapes" not in header else self._band_layout(header["shapes"])
-      labels = np.zeros(len(ben.CLASSES_19), np.float32)
+      labels = np.zeros(len(ben_labels.CLASSES_19), np.float32)
       labels[header["labels"]] = 1.0
     except (KeyError, IndexError, TypeError, ValueError) as e:
       raise BadSampleError(self.path, f"{where}: malformed record header {header}: {e!r}") from e

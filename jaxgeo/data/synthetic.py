@@ -18,6 +18,7 @@ import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 
+from jaxgeo.data import ben_labels
 from jaxgeo.data import bigearthnet as ben
 from jaxgeo.data.geotiff import resize_bilinear, write_geotiff
 from jaxgeo.data.source import write_once
@@ -257,9 +258,11 @@ def write_synthetic_bigearthnet(directory: str | os.PathLike, num_patches: int, 
           f,
         )
       rows["name"].append(name)
-      rows["original_split"].append(ben.hash_split(name))
+      rows["original_split"].append(ben_labels.hash_split(name))
       rows["labels"].append(labels_43)
-      rows["new_labels"].append(sorted({ben.LABEL_43_TO_19[l] for l in labels_43}, key=ben.CLASSES_19.index))
+      rows["new_labels"].append(
+        sorted({ben_labels.LABEL_43_TO_19[l] for l in labels_43}, key=ben_labels.CLASSES_19.index)
+      )
       rows["snow"].append(False)
       rows["cloud_or_shadow"].append(False)
     pq.write_table(pa.table(rows), os.path.join(staging, "metadata.parquet"))

@@ -64,10 +64,10 @@ def probe_config(**overrides):
 
 
 def data_info(data_config):
-  from jaxgeo.data import bigearthnet
+  from jaxgeo.data import ben_labels, bigearthnet
 
   mean, std = bigearthnet.normalization_stats(data_config.bands)
-  return mean, std, list(bigearthnet.CLASSES_19)
+  return mean, std, list(ben_labels.CLASSES_19)
 
 
 def split_batches(config, split, *, shuffle=False, seed=0):
